@@ -1,0 +1,247 @@
+"""The speculative decode loop shared by every decoder in this package.
+
+One round: the draft proposes ``K`` tokens one step at a time (kept lazy, so MLX
+pipelines them), the target scores the last emitted token plus the ``K`` drafts in
+one pass, the fused acceptance op decides how many drafts survive and which token
+follows them, and both KV caches are rolled back past what was rejected. The only
+host synchronisation of the round is reading the op's result.
+
+Fast and detailed decoding, and the mlx-lm compatible generator, all consume the
+:class:`Round` records this loop yields; nothing here knows who is listening.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from speclora.acceptance import speculative_accept
+from speclora.cache import make_speculative_cache, trim_cache
+from speclora.drafting import DraftLengthPolicy
+from speclora.sampling import LogitsFilter, SamplingParams, sample
+
+# Same default as mlx-lm: long prompts are fed in chunks so activations stay bounded.
+PREFILL_STEP = 512
+
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+@dataclass
+class Round:
+    """What one round did.
+
+    ``draft_logits`` / ``target_logits`` are the processed logits the acceptance op
+    saw (``[K, V]`` / ``[K + 1, V]``); ``raw_target_logits`` are the target's logits
+    before any sampling filter. They are lazy arrays already evaluated by the round's
+    synchronisation; observers may read them without recomputing anything.
+    """
+
+    position: int  # index in the generated sequence of tokens[0]
+    drafted: int  # K
+    accepted: int  # n, 0 <= n <= K
+    draft_tokens: list[int]  # [K]
+    tokens: list[int]  # emitted: accepted drafts + the target's token, cut at a stop
+    next_token: int  # the target's token after the accepted drafts (correction or bonus)
+    draft_logits: mx.array  # [K, V]
+    target_logits: mx.array  # [K + 1, V]
+    raw_target_logits: mx.array  # [K + 1, V]
+    stopped: bool  # a stop token ended the generation in this round
+    draft_seconds: float = 0.0  # only measured when the loop profiles
+    verify_seconds: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class LoopOptions:
+    """Options of :func:`speculative_rounds` that rarely change between calls."""
+
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    logits_filter: LogitsFilter | None = None
+    stop_tokens: frozenset[int] = frozenset()
+    max_kv_size: int | None = None
+    logits_processors: Sequence[LogitsProcessor] = ()
+    # An opaque mlx-lm sampler (logprobs -> token). Its distribution is unknown, so
+    # the target samples too and drafts are accepted while the samples agree, which
+    # is lossless but accepts less than rejection sampling on known distributions.
+    sampler: Callable[[mx.array], mx.array] | None = None
+    profile: bool = False  # synchronise after drafting to time draft and verify apart
+
+
+def _prefill(model: nn.Module, cache: list[Any], tokens: mx.array) -> None:
+    """Feed ``tokens [S]`` into ``cache`` without keeping logits."""
+    for start in range(0, tokens.size, PREFILL_STEP):
+        model(tokens[start : start + PREFILL_STEP][None], cache=cache)
+        mx.eval([c.state for c in cache])
+
+
+def _draw(logits: mx.array, options: LoopOptions) -> mx.array:
+    """Sample tokens ``[...]`` from processed ``logits [..., V]``."""
+    if options.sampler is not None:
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return options.sampler(logprobs).astype(mx.uint32)
+    return sample(logits, options.sampling.temperature)
+
+
+def _one_hot(tokens: mx.array, vocab: int) -> mx.array:
+    """``[N] -> [N, V]`` float32 rows whose argmax is the token."""
+    return (mx.arange(vocab)[None] == tokens[:, None]).astype(mx.float32)
+
+
+class _Processor:
+    """Applies logits processors (which look at the token history) and the filter."""
+
+    def __init__(self, options: LoopOptions, history: list[int]) -> None:
+        self.options = options
+        self.history = history  # prompt + emitted tokens, host side
+
+    def __call__(self, logits: mx.array, pending: Sequence[mx.array] = ()) -> mx.array:
+        """Process ``logits [V]`` as if ``pending`` (lazy draft tokens) followed history."""
+        if self.options.logits_processors:
+            context = mx.concatenate(
+                [mx.array(self.history, mx.uint32), *[p.reshape(1) for p in pending]]
+            )
+            row = logits[None]
+            for processor in self.options.logits_processors:
+                row = processor(context, row)
+            logits = row[0]
+        if self.options.logits_filter is not None:
+            logits = self.options.logits_filter(logits)
+        return logits
+
+
+def speculative_rounds(
+    target: nn.Module,
+    draft: nn.Module,
+    prompt_tokens: Sequence[int],
+    *,
+    max_tokens: int,
+    policy: DraftLengthPolicy,
+    options: LoopOptions,
+    target_cache: list[Any] | None = None,
+    draft_cache: list[Any] | None = None,
+) -> Iterator[Round]:
+    """Run speculative rounds until ``max_tokens`` tokens or a stop token.
+
+    Args:
+        target (nn.Module): The model whose output is reproduced exactly.
+        draft (nn.Module): The proposal model (same vocabulary).
+        prompt_tokens (Sequence[int]): The prompt, at least one token.
+        max_tokens (int): Most tokens to emit, ``>= 1``.
+        policy (DraftLengthPolicy): Chooses ``K`` each round and is told the outcome.
+        options (LoopOptions): Sampling, stop tokens, cache window, profiling.
+        target_cache (list, optional): Trimmable caches for the target, updated in
+          place. Default: fresh ones from :func:`speclora.cache.make_speculative_cache`.
+        draft_cache (list, optional): Same, for the draft.
+
+    Yields:
+        Round: one per round, in order. ``sum(len(r.tokens))`` never exceeds
+        ``max_tokens``; stop tokens are not emitted.
+    """
+    if len(prompt_tokens) == 0:
+        raise ValueError("prompt_tokens is empty: at least one token is needed")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    # With an opaque sampler the op only compares tokens (see LoopOptions.sampler).
+    temperature = 0.0 if options.sampler is not None else options.sampling.temperature
+    if target_cache is None:
+        target_cache = make_speculative_cache(target, max_kv_size=options.max_kv_size)
+    if draft_cache is None:
+        draft_cache = make_speculative_cache(draft, max_kv_size=options.max_kv_size)
+
+    history = list(prompt_tokens)
+    process = _Processor(options, history)
+    prompt = mx.array(history, mx.uint32)
+    _prefill(target, target_cache, prompt[:-1])
+    _prefill(draft, draft_cache, prompt[:-1])
+    # Tokens each model has yet to see: the target always lags by the last emitted
+    # token; the draft lags by one more after a round where every draft survived.
+    target_pending = history[-1:]
+    draft_pending = history[-1:]
+    produced = 0
+
+    while produced < max_tokens:
+        started = time.perf_counter()
+        k = max(0, min(policy.next_k(), max_tokens - produced - 1))
+
+        drafted: list[mx.array] = []
+        draft_logits: list[mx.array] = []
+        y = mx.array(draft_pending, mx.uint32)
+        for _ in range(k):
+            logits = process(draft(y[None], cache=draft_cache)[0, -1], drafted)
+            token = _draw(logits, options)
+            mx.async_eval(token)
+            drafted.append(token)
+            draft_logits.append(logits)
+            y = token.reshape(1)
+        d_tokens = mx.stack(drafted) if k else mx.zeros((0,), mx.uint32)
+        drafted_at = time.perf_counter()
+        if options.profile:
+            mx.eval(d_tokens, draft_logits)
+            drafted_at = time.perf_counter()
+
+        verify_in = mx.concatenate([mx.array(target_pending, mx.uint32), d_tokens])
+        raw = target(verify_in[None], cache=target_cache)[0, -(k + 1) :]
+        if options.logits_processors or options.logits_filter is not None:
+            t_logits = mx.stack([process(raw[i], drafted[:i]) for i in range(k + 1)])
+        else:
+            t_logits = raw
+        accept_logits = t_logits
+        if options.sampler is not None:
+            # Greedy acceptance on one-hot logits of the target's own samples.
+            accept_logits = _one_hot(_draw(t_logits, options), t_logits.shape[-1])
+        # Shapes are known before evaluation, so K = 0 costs no extra work here.
+        d_logits = mx.stack(draft_logits) if k else mx.zeros((0, raw.shape[-1]), raw.dtype)
+        num_accepted, out = speculative_accept(
+            d_tokens.astype(mx.int32)[None],
+            d_logits[None],
+            accept_logits[None],
+            temperature=temperature,
+            validate=False,
+        )
+        mx.eval(num_accepted, out, d_tokens)
+        n = int(num_accepted.item())
+        emitted = out[0, : n + 1].tolist()
+        draft_list = d_tokens.tolist()
+        finished = time.perf_counter()
+
+        trim_cache(target_cache, k - n)
+        if k == 0:
+            draft_pending = draft_pending + emitted
+        elif n == k:
+            draft_pending = [draft_list[-1], emitted[-1]]
+        else:
+            trim_cache(draft_cache, k - 1 - n)
+            draft_pending = emitted[-1:]
+        target_pending = emitted[-1:]
+        policy.update(k, n)
+
+        next_token = emitted[-1]
+        stopped = False
+        for i, token in enumerate(emitted):
+            if token in options.stop_tokens:
+                emitted, stopped = emitted[:i], True
+                break
+        history.extend(emitted)
+        yield Round(
+            position=produced,
+            drafted=k,
+            accepted=n,
+            draft_tokens=draft_list,
+            tokens=emitted,
+            next_token=next_token,
+            draft_logits=d_logits,
+            target_logits=t_logits,
+            raw_target_logits=raw,
+            stopped=stopped,
+            draft_seconds=drafted_at - started if options.profile else 0.0,
+            verify_seconds=finished - drafted_at if options.profile else 0.0,
+            seconds=finished - started,
+        )
+        produced += len(emitted)
+        if stopped:
+            return

@@ -1,0 +1,210 @@
+"""Fast-mode speculative decoding: the target's output, sooner.
+
+At temperature 0 the generated tokens are exactly the target's greedy tokens; at
+temperature > 0 they follow the target's (filtered) sampling distribution. The draft
+only changes how fast they come.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from speclora.decoding import LoopOptions, speculative_rounds
+from speclora.drafting import (
+    AdaptiveDraftLength,
+    DraftLengthPolicy,
+    FixedDraftLength,
+    RoundCost,
+    measure_round_cost,
+)
+from speclora.results import GenerationResult, RoundStats
+from speclora.sampling import SamplingParams, make_logits_filter
+
+if TYPE_CHECKING:
+    from speclora.speculative_manual import DisagreementRecorder
+
+Prompt = str | Sequence[int]
+
+
+class SpeculativeDecoder:
+    """Speculative decoding of ``target_model`` with proposals from ``draft_model``.
+
+    Args:
+        target_model (nn.Module): The model whose output is reproduced.
+        draft_model (nn.Module): A smaller model with the same vocabulary.
+        tokenizer: The shared mlx-lm ``TokenizerWrapper``.
+        num_draft_tokens (int): Tokens drafted per round (the starting point when
+          ``adaptive_draft``). Default: ``4``.
+        temperature (float): Sampling temperature; ``0`` is greedy. Default: ``0.7``.
+        top_p (float): Nucleus filter, ``1`` disables. Default: ``1.0``.
+        top_k (int): Top-k filter, ``0`` disables. Default: ``0``.
+        min_p (float): Min-p filter, ``0`` disables. Default: ``0.0``.
+        adaptive_draft (bool): Choose ``K`` each round from the observed acceptance
+          and measured model costs. Default: ``False``.
+        max_draft_tokens (int): Largest ``K`` adaptive drafting may choose. Default: ``8``.
+        round_cost (RoundCost, optional): Model costs for adaptive drafting; measured
+          on first use when omitted.
+        use_chat_template (bool): Wrap string prompts in the tokenizer's chat
+          template when it has one. Default: ``True``.
+        stop_tokens (Iterable[int], optional): Extra token ids that end generation
+          (the tokenizer's EOS ids always do).
+        max_kv_size (int, optional): Sliding-window size of the KV caches.
+        profile (bool): Time drafting and verification apart (one extra
+          synchronisation per round). Default: ``False``.
+    """
+
+    def __init__(
+        self,
+        target_model: nn.Module,
+        draft_model: nn.Module,
+        tokenizer: Any,
+        num_draft_tokens: int = 4,
+        temperature: float = 0.7,
+        *,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        adaptive_draft: bool = False,
+        max_draft_tokens: int = 8,
+        round_cost: RoundCost | None = None,
+        use_chat_template: bool = True,
+        stop_tokens: Iterable[int] | None = None,
+        max_kv_size: int | None = None,
+        profile: bool = False,
+    ) -> None:
+        if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int):
+            raise ValueError(f"num_draft_tokens must be an integer, got {num_draft_tokens!r}")
+        if not 0 <= num_draft_tokens <= 64:
+            raise ValueError(f"num_draft_tokens must be in [0, 64], got {num_draft_tokens}")
+        if adaptive_draft and not 1 <= max_draft_tokens <= 64:
+            raise ValueError(f"max_draft_tokens must be in [1, 64], got {max_draft_tokens}")
+        if max_kv_size is not None and max_kv_size < 1:
+            raise ValueError(f"max_kv_size must be >= 1 or None, got {max_kv_size}")
+        self.target_model = target_model
+        self.draft_model = draft_model
+        self.tokenizer = tokenizer
+        self.num_draft_tokens = num_draft_tokens
+        self.sampling = SamplingParams(temperature, top_p, top_k, min_p)
+        self.adaptive_draft = adaptive_draft
+        self.max_draft_tokens = max_draft_tokens
+        self.round_cost = round_cost
+        self.use_chat_template = use_chat_template
+        self.stop_tokens = frozenset(tokenizer.eos_token_ids) | frozenset(stop_tokens or ())
+        self.max_kv_size = max_kv_size
+        self.profile = profile
+        self._policy: DraftLengthPolicy | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.target_model.args.vocab_size)
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids for ``prompt`` (a string, or token ids passed through)."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("prompt is empty or whitespace only")
+            if self.use_chat_template and getattr(self.tokenizer, "has_chat_template", False):
+                messages = [{"role": "user", "content": prompt}]
+                return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            bos = getattr(self.tokenizer, "bos_token", None)
+            # mlx-lm's rule: add special tokens unless the text already starts with BOS.
+            add_special = bos is None or not prompt.startswith(bos)
+            return list(self.tokenizer.encode(prompt, add_special_tokens=add_special))
+        if isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
+            tokens = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
+            if not tokens:
+                raise ValueError("prompt has no tokens")
+            bad = [t for t in tokens if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}"
+                )
+            return tokens
+        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def draft_policy(self) -> DraftLengthPolicy:
+        """The policy choosing ``K``; adaptive state persists across calls."""
+        if self._policy is None:
+            if self.adaptive_draft:
+                if self.round_cost is None:
+                    self.round_cost = measure_round_cost(
+                        self.target_model, self.draft_model, max_k=self.max_draft_tokens
+                    )
+                self._policy = AdaptiveDraftLength(self.round_cost, max_k=self.max_draft_tokens)
+            else:
+                self._policy = FixedDraftLength(self.num_draft_tokens)
+        return self._policy
+
+    def _recorder(self, temperature: float) -> DisagreementRecorder | None:
+        """What watches every round; fast mode records nothing."""
+        return None
+
+    def generate(
+        self,
+        prompt: Prompt,
+        max_tokens: int = 512,
+        *,
+        temperature: float | None = None,
+        seed: int | None = None,
+    ) -> GenerationResult:
+        """Generate a continuation of ``prompt``.
+
+        Args:
+            prompt (str or list[int]): Text (chat template applied when configured)
+              or token ids.
+            max_tokens (int): Most tokens to generate. Default: ``512``.
+            temperature (float, optional): Overrides the decoder's temperature for
+              this call.
+            seed (int, optional): Seeds ``mx.random`` first, for reproducible sampling.
+
+        Returns:
+            GenerationResult: text, tokens and acceptance statistics.
+        """
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        sampling = self.sampling
+        if temperature is not None:
+            sampling = SamplingParams(temperature, sampling.top_p, sampling.top_k, sampling.min_p)
+        prompt_tokens = self.encode_prompt(prompt)
+        if seed is not None:
+            mx.random.seed(seed)
+        options = LoopOptions(
+            sampling=sampling,
+            logits_filter=make_logits_filter(sampling, self.vocab_size),
+            stop_tokens=self.stop_tokens,
+            max_kv_size=self.max_kv_size,
+            profile=self.profile,
+        )
+        recorder = self._recorder(sampling.temperature)
+        stats = RoundStats()
+        tokens: list[int] = []
+        finish_reason = "length"
+        start = time.perf_counter()
+        for r in speculative_rounds(
+            self.target_model,
+            self.draft_model,
+            prompt_tokens,
+            max_tokens=max_tokens,
+            policy=self.draft_policy(),
+            options=options,
+        ):
+            stats.add(r)
+            tokens.extend(r.tokens)
+            if recorder is not None:
+                recorder(r)
+            if r.stopped:
+                finish_reason = "stop"
+        return GenerationResult(
+            text=self.tokenizer.decode(tokens),
+            tokens=tokens,
+            prompt_tokens=prompt_tokens,
+            finish_reason=finish_reason,
+            stats=stats,
+            elapsed_s=time.perf_counter() - start,
+            disagreements=recorder.disagreements if recorder is not None else [],
+        )
