@@ -41,6 +41,7 @@ class RoundCost:
 
     draft_step: float
     verify_extra: float = 0.0
+    target_step_s: float = 0.0  # absolute seconds of the unit, when measured
 
     def of(self, k: int) -> float:
         return 1.0 + k * (self.draft_step + self.verify_extra)
@@ -167,4 +168,5 @@ def measure_round_cost(
     return RoundCost(
         draft_step=seconds(draft, one) / step,
         verify_extra=max(0.0, seconds(target, many) / step - 1.0) / max_k,
+        target_step_s=step,
     )

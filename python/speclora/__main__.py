@@ -1,0 +1,5 @@
+import sys
+
+from speclora.cli import main
+
+sys.exit(main())

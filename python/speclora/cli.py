@@ -1,0 +1,188 @@
+"""The ``speclora`` command: generate, train, stats, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import speclora  # noqa: F401  (preloads OpenBLAS before mlx.core)
+
+
+def _config(path: str | None) -> dict[str, Any]:
+    from speclora.config import Config, load_config
+
+    return load_config(path) if path else Config.from_dict({}).to_dict()
+
+
+def _system(args: argparse.Namespace) -> Any:
+    from speclora.main import SpeculativeDecodingSystem
+
+    system = SpeculativeDecodingSystem(_config(args.config))
+    system.initialize()
+    return system
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    system = _system(args)
+    result = system.generate_result(
+        args.prompt, mode=args.mode, max_tokens=args.max_tokens, temperature=args.temperature
+    )
+    print(result.text)
+    if args.verbose:
+        print(
+            f"[{len(result.tokens)} tokens, acceptance {result.acceptance_rate:.1%}, "
+            f"{result.mean_accepted_length:.2f} accepted/round, {result.tokens_per_second:.1f} tok/s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    system = _system(args)
+    results = system.train(num_epochs=args.epochs, learning_rate=args.learning_rate)
+    summary = {k: v for k, v in results.items() if k not in ("losses", "eval_losses")}
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from speclora.config import ADAPTER_ALIASES, Config
+    from speclora.data_collector import DataCollector
+
+    cfg = Config.from_dict(_config(args.config))
+    c = cfg.collection
+    collector = DataCollector(c.data_dir, c.replay_buffer_max_size, c.acceptance_threshold)
+    checkpoints = {}
+    for alias in ADAPTER_ALIASES:
+        state = Path(cfg.training.checkpoint_dir) / alias / "training_state.json"
+        checkpoints[alias] = json.loads(state.read_text()) if state.exists() else None
+    print(
+        json.dumps(
+            {
+                "data_dir": c.data_dir,
+                "failure_count": collector.failure_count,
+                "replay_buffer_size": collector.replay_buffer_size,
+                "checkpoint_dir": cfg.training.checkpoint_dir,
+                "checkpoints": {
+                    a: (None if s is None else {k: s.get(k) for k in ("global_step", "best_loss", "timestamp")})
+                    for a, s in checkpoints.items()
+                },
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from speclora.demo import DemoOptions, run_demo
+
+    options = DemoOptions(
+        workdir=Path(args.workdir),
+        rounds=args.rounds,
+        train_prompts_per_round=args.train_prompts,
+        eval_prompts=args.eval_prompts,
+        max_tokens=args.max_tokens,
+        acceptance_threshold=args.threshold,
+        num_epochs=args.epochs,
+        show_progress=not args.no_progress,
+    )
+    run_demo(_config(args.config) if args.config else None, options)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from speclora.bench import format_table, run_benchmark, write_report
+    from speclora.models import ModelManager
+    from speclora.speculative import SpeculativeDecoder
+    from speclora.zoo import load_prompts
+
+    cfg = _config(args.config)
+    manager = ModelManager(cfg)
+    target, draft = manager.load_models()
+    encoder = SpeculativeDecoder(target, draft, manager.tokenizer, 1, 0.0)
+    prompts = [encoder.encode_prompt(p) for p in load_prompts(args.domain, "eval")[: args.prompts]]
+    report = run_benchmark(
+        target,
+        draft,
+        manager.tokenizer,
+        prompts,
+        max_tokens=args.max_tokens,
+        temperatures=tuple(args.temperatures),
+        ks=tuple(args.ks),
+        max_draft_tokens=args.max_draft_tokens,
+    )
+    print(format_table(report))
+    for path in write_report(report, Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speclora",
+        description="Speculative decoding on MLX whose draft model learns from its rejections.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", help="YAML config file (default: built-in defaults, the shipped model pair)")
+        return p
+
+    p = command("generate", "Generate a reply to one prompt.")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--mode", choices=["fast", "detailed"], default="fast", help="detailed also collects failures")
+    p.add_argument("--max-tokens", type=int, help="override generation.max_tokens")
+    p.add_argument("--temperature", type=float, help="override generation.temperature")
+    p.add_argument("-v", "--verbose", action="store_true", help="print acceptance statistics to stderr")
+    p.set_defaults(run=cmd_generate)
+
+    p = command("train", "Train a LoRA adapter on the collected failures and save checkpoints.")
+    p.add_argument("--epochs", type=int, help="override training.num_epochs")
+    p.add_argument("--learning-rate", type=float, help="override training.learning_rate")
+    p.set_defaults(run=cmd_train)
+
+    p = command("stats", "Show collected failures, replay buffer and checkpoints.")
+    p.set_defaults(run=cmd_stats)
+
+    p = command("demo", "Online-learning demo on the shipped model pair (acceptance on code rises).")
+    p.add_argument("--workdir", default="speclora-demo", help="where data, checkpoints and the report go")
+    p.add_argument("--rounds", type=int, default=3, help="collect/train rounds (default: 3)")
+    p.add_argument("--train-prompts", type=int, default=96, help="code prompts generated per round (default: 96)")
+    p.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts per domain (default: 32)")
+    p.add_argument("--max-tokens", type=int, default=48, help="tokens per generation (default: 48)")
+    p.add_argument("--threshold", type=float, default=0.9, help="collect generations below this acceptance")
+    p.add_argument("--epochs", type=int, default=2, help="training epochs per round (default: 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_demo)
+
+    p = command("bench", "Side-by-side speed: target alone, mlx-lm speculative, SpecLoRA.")
+    p.add_argument("--domain", choices=["prose", "code"], default="prose", help="prompt set (default: prose)")
+    p.add_argument("--prompts", type=int, default=16, help="number of held-out prompts (default: 16)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per generation (default: 64)")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="default: 0 1")
+    p.add_argument("--ks", type=int, nargs="+", default=[2, 3, 4], help="fixed draft lengths (default: 2 3 4)")
+    p.add_argument("--max-draft-tokens", type=int, default=8, help="adaptive drafting's largest K (default: 8)")
+    p.add_argument("--out", default="benchmarks/results", help="report directory (default: benchmarks/results)")
+    p.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (ValueError, RuntimeError, MemoryError, OSError) as e:
+        print(f"speclora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""SpeculativeDecodingSystem: models, decoders, collection and training in one place.
+
+The online-learning loop: detailed generations record where the draft and the target
+disagree; those whose acceptance falls below the threshold are stored as failures;
+``train()`` fits a LoRA adapter on them (plus a replay buffer), hot-swaps it into the
+draft, and hands the failures over to the replay buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from speclora.config import ADAPTER_ALIASES, Config
+from speclora.data_collector import DataCollector, TrainingExample
+from speclora.models import ModelManager
+from speclora.results import GenerationResult
+from speclora.speculative import SpeculativeDecoder
+from speclora.speculative_manual import ManualSpeculativeDecoder
+from speclora.tracker import AcceptanceTracker
+
+logger = logging.getLogger("speclora")
+
+MODES = ("fast", "detailed")
+
+
+class SpeculativeDecodingSystem:
+    """Speculative decoding whose draft model learns from its own rejections.
+
+    Args:
+        config (Mapping): The parsed ``config.yaml`` (see ``configs/config.yaml``);
+          validated here, ``ValueError`` naming the bad key otherwise.
+
+    One system serves one request at a time: a call made while another is running
+    (from another thread) raises ``RuntimeError`` rather than interleaving two
+    generations on the same KV caches and models.
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = Config.from_dict(config)
+        self.manager: ModelManager | None = None
+        self.fast_decoder: SpeculativeDecoder | None = None
+        self._decoder: ManualSpeculativeDecoder | None = None
+        self.collector: DataCollector | None = None
+        self.tracker = AcceptanceTracker(self.config.collection.tracker_window)
+        self.generation_count = 0
+        self.last_result: GenerationResult | None = None
+        self._adapter_path: Path | None = None
+        self._tokens = 0
+        self._decode_seconds = 0.0
+        self._accepted_length_sum = 0.0
+        self._busy = threading.Lock()
+        logging.getLogger("speclora").setLevel(self.config.logging.level)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def initialize(self) -> None:
+        """Load the models and tokenizer, build the decoders, open the collector and
+        load the configured adapter when it exists.
+
+        Raises:
+            RuntimeError: a model or adapter could not be loaded (the cause is chained).
+            ValueError: the models cannot speculate together (e.g. vocabularies differ).
+        """
+        with self._exclusive("initialize"):
+            manager = ModelManager(self.config.to_dict())
+            target, draft = manager.load_models()
+            g = self.config.generation
+            options: dict[str, Any] = dict(
+                top_p=g.top_p,
+                top_k=g.top_k,
+                min_p=g.min_p,
+                adaptive_draft=g.adaptive_draft,
+                max_draft_tokens=g.max_draft_tokens,
+                use_chat_template=g.use_chat_template,
+                stop_tokens=self._stop_token_ids(manager.tokenizer, g.stop_tokens),
+                max_kv_size=g.max_kv_size,
+            )
+            self.fast_decoder = SpeculativeDecoder(
+                target, draft, manager.tokenizer, g.num_draft_tokens, g.temperature, **options
+            )
+            self._decoder = ManualSpeculativeDecoder(
+                target,
+                draft,
+                manager.tokenizer,
+                g.num_draft_tokens,
+                g.temperature,
+                top_k_logprobs=self.config.collection.top_k_logprobs,
+                **options,
+            )
+            c = self.config.collection
+            self.collector = DataCollector(
+                c.data_dir,
+                replay_buffer_max_size=c.replay_buffer_max_size,
+                acceptance_threshold=c.acceptance_threshold,
+            )
+            self.manager = manager
+            if self.config.models.draft_adapter is not None:
+                if not self._load_adapter(self.config.models.draft_adapter):
+                    logger.info("configured adapter %s does not exist yet", self.config.models.draft_adapter)
+
+    @staticmethod
+    def _stop_token_ids(tokenizer: Any, stop_tokens: Sequence[str]) -> list[int]:
+        ids = []
+        for text in stop_tokens:
+            encoded = tokenizer.encode(text, add_special_tokens=False)
+            if len(encoded) != 1:
+                raise ValueError(
+                    f"generation.stop_tokens entry {text!r} is not a single token "
+                    f"(it encodes to {encoded})"
+                )
+            ids.append(encoded[0])
+        return ids
+
+    @property
+    def decoder(self) -> ManualSpeculativeDecoder:
+        """The detailed-mode decoder (records disagreements)."""
+        self._require_initialized()
+        assert self._decoder is not None
+        return self._decoder
+
+    def _require_initialized(self) -> None:
+        if self.manager is None:
+            raise RuntimeError("SpeculativeDecodingSystem.initialize() must be called first")
+
+    @contextmanager
+    def _exclusive(self, what: str) -> Iterator[None]:
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                f"SpeculativeDecodingSystem.{what}() called while another call is running; "
+                "one system serves one request at a time (use one system per thread)"
+            )
+        try:
+            yield
+        finally:
+            self._busy.release()
+
+    # -- generation ----------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str,
+        mode: str = "fast",
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> str:
+        """Generate a reply to ``prompt``.
+
+        Args:
+            prompt (str): The user prompt (chat template applied when configured).
+            mode (str): ``"fast"``, or ``"detailed"`` to record disagreements and
+              collect the generation when its acceptance is below the threshold.
+              Default: ``"fast"``.
+            max_tokens (int, optional): Overrides ``generation.max_tokens``.
+            temperature (float, optional): Overrides ``generation.temperature``.
+
+        Returns:
+            str: The generated text. The full result is kept in ``last_result``.
+
+        Raises:
+            ValueError: bad arguments. MemoryError: the request cannot fit the
+            context window or the configured memory limit. RuntimeError: generation failed.
+        """
+        return self.generate_result(prompt, mode=mode, max_tokens=max_tokens, temperature=temperature).text
+
+    def generate_result(
+        self,
+        prompt: str,
+        *,
+        mode: str = "fast",
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> GenerationResult:
+        """Like :meth:`generate`, returning the full :class:`GenerationResult`."""
+        self._require_initialized()
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        g = self.config.generation
+        max_tokens = g.max_tokens if max_tokens is None else max_tokens
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        if temperature is not None and (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature)
+            or temperature < 0
+        ):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        decoder = self.decoder if mode == "detailed" else self.fast_decoder
+        assert decoder is not None and self.manager is not None
+        prompt_tokens = decoder.encode_prompt(prompt)
+        self.manager.check_fits(len(prompt_tokens), max_tokens, g.memory_limit_gb)
+        with self._exclusive("generate"):
+            try:
+                result = decoder.generate(prompt_tokens, max_tokens, temperature=temperature, seed=g.seed)
+            except (ValueError, MemoryError):
+                raise
+            except Exception as e:
+                raise RuntimeError(f"generation failed: {e}") from e
+            self._account(result)
+            if mode == "detailed":
+                self._collect(prompt, result)
+        return result
+
+    def _account(self, result: GenerationResult) -> None:
+        self.generation_count += 1
+        self.last_result = result
+        if result.num_draft_tokens:
+            self.tracker.add(result.acceptance_rate)
+        self._tokens += len(result.tokens)
+        self._decode_seconds += result.decode_s
+        self._accepted_length_sum += result.mean_accepted_length
+
+    def _collect(self, prompt: str, result: GenerationResult) -> None:
+        assert self.collector is not None
+        if not result.num_draft_tokens or not self.collector.is_failure(result.acceptance_rate):
+            return
+        now = datetime.now(timezone.utc)
+        self.collector.add_failure(
+            TrainingExample(
+                id=f"{now.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}",
+                prompt=prompt,
+                target_output=result.text,
+                acceptance_rate=result.acceptance_rate,
+                prompt_tokens=result.prompt_tokens,
+                disagreements=result.disagreements,
+                timestamp=now.isoformat(),
+                output_tokens=result.tokens,
+            )
+        )
+
+    def batch_generate(
+        self, prompts: Sequence[str], mode: str = "fast", show_progress: bool = True
+    ) -> list[str]:
+        """Generate a reply for each prompt, in order.
+
+        Args:
+            prompts (Sequence[str]): The prompts.
+            mode (str): ``"fast"`` or ``"detailed"``. Default: ``"fast"``.
+            show_progress (bool): Show a tqdm progress bar. Default: ``True``.
+
+        Returns:
+            list[str]: One reply per prompt.
+        """
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise ValueError("prompts must be a list of strings")
+        from tqdm.auto import tqdm
+
+        bar = tqdm(prompts, desc=f"generate ({mode})", unit="prompt", disable=not show_progress)
+        return [self.generate(p, mode=mode) for p in bar]
+
+    # -- training ------------------------------------------------------------------
+
+    def train(self, num_epochs: int | None = None, learning_rate: float | None = None) -> dict[str, Any]:
+        """Train a LoRA adapter on the collected failures and hot-swap it in.
+
+        Continues from the loaded adapter when there is one. On success the failures
+        move to the replay buffer and the new best adapter drives the draft.
+
+        Args:
+            num_epochs (int, optional): Overrides ``training.num_epochs``.
+            learning_rate (float, optional): Overrides ``training.learning_rate``.
+
+        Returns:
+            dict: ``final_loss``, ``best_loss``, ``global_step``, ``checkpoint_path``
+            and the trainer's other figures.
+
+        Raises:
+            ValueError: fewer failures than ``training.min_examples``, or bad overrides.
+            RuntimeError: training failed (the previous adapter stays in use).
+        """
+        self._require_initialized()
+        assert self.manager is not None and self.collector is not None
+        from speclora.training import LoRATrainer
+
+        with self._exclusive("train"):
+            failures = self.collector.load_failures()
+            need = self.config.training.min_examples
+            if len(failures) < need:
+                raise ValueError(
+                    f"not enough training data: {len(failures)} failures collected, "
+                    f"training.min_examples is {need}"
+                )
+            replay = self.collector.load_replay_buffer()
+            student = self.manager.training_copy_of_draft()
+            trainer = LoRATrainer(
+                student,
+                self.manager.tokenizer,
+                self.config.training.to_dict(),
+                show_progress=self.config.logging.show_progress,
+            )
+            try:
+                results = trainer.train(
+                    failures,
+                    replay,
+                    num_epochs=num_epochs,
+                    learning_rate=learning_rate,
+                    resume_from=self._adapter_path,
+                )
+            except (ValueError, RuntimeError):
+                raise
+            except Exception as e:
+                raise RuntimeError(f"training failed: {e}") from e
+            self._swap_adapter(Path(results["checkpoint_path"]))
+            self.collector.consume_failures(f.id for f in failures)
+        return results
+
+    # -- adapters ------------------------------------------------------------------
+
+    def load_adapter(self, path: str = "best") -> bool:
+        """Load an adapter into the draft (fused), replacing any loaded one.
+
+        Args:
+            path (str): A checkpoint directory, or ``"best"``, ``"final"``, ``"latest"``
+              under ``training.checkpoint_dir``. Default: ``"best"``.
+
+        Returns:
+            bool: ``True`` when loaded; ``False`` when no such checkpoint exists yet.
+
+        Raises:
+            RuntimeError: the checkpoint exists but cannot be loaded (the draft keeps
+              its previous weights).
+        """
+        self._require_initialized()
+        with self._exclusive("load_adapter"):
+            return self._load_adapter(path)
+
+    def _load_adapter(self, path: str) -> bool:
+        assert self.manager is not None
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"adapter path must be a non-empty string, got {path!r}")
+        resolved = self.manager.resolve_adapter_path(path, self.config.training.checkpoint_dir)
+        if not resolved.exists():
+            logger.warning("no adapter at %s", resolved)
+            return False
+        self._swap_adapter(resolved)
+        return True
+
+    def _swap_adapter(self, path: Path) -> None:
+        assert self.manager is not None and self.fast_decoder is not None
+        self.manager.load_lora_adapter(self.fast_decoder.draft_model, str(path), fuse=True)
+        self._adapter_path = path.resolve()
+        self.tracker.reset_recent()
+
+    def unload_adapter(self) -> bool:
+        """Restore the draft's base weights.
+
+        Returns:
+            bool: ``True`` if an adapter was unloaded, ``False`` if none was loaded.
+        """
+        self._require_initialized()
+        assert self.manager is not None and self.fast_decoder is not None
+        with self._exclusive("unload_adapter"):
+            unloaded = self.manager.unload_lora_adapter(self.fast_decoder.draft_model)
+            self._adapter_path = None
+            if unloaded:
+                self.tracker.reset_recent()
+            return unloaded
+
+    def get_adapter_info(self) -> dict[str, Any]:
+        """``loaded``, ``path``, ``rank``, ``alpha``, ``target_modules`` of the draft's adapter."""
+        self._require_initialized()
+        assert self.manager is not None and self.fast_decoder is not None
+        return self.manager.adapter_info(self.fast_decoder.draft_model)
+
+    # -- statistics ----------------------------------------------------------------
+
+    def get_stats(self) -> dict[str, Any]:
+        """Counters of this system (see the API reference for the keys)."""
+        collector = self.collector
+        return {
+            "generation_count": self.generation_count,
+            "tracker": self.tracker.as_dict(),
+            "failure_count": collector.failure_count if collector else 0,
+            "replay_buffer_size": collector.replay_buffer_size if collector else 0,
+            "adapter_loaded": self._adapter_path is not None,
+            "adapter_path": str(self._adapter_path) if self._adapter_path else None,
+            "mean_accepted_length": (
+                self._accepted_length_sum / self.generation_count if self.generation_count else 0.0
+            ),
+            "tokens_per_second": self._tokens / self._decode_seconds if self._decode_seconds else 0.0,
+            "total_tokens": self._tokens,
+        }
+
+
+__all__ = ["ADAPTER_ALIASES", "MODES", "SpeculativeDecodingSystem"]
