@@ -68,7 +68,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 "replay_buffer_size": collector.replay_buffer_size,
                 "checkpoint_dir": cfg.training.checkpoint_dir,
                 "checkpoints": {
-                    a: (None if s is None else {k: s.get(k) for k in ("global_step", "best_loss", "timestamp")})
+                    a: (None if s is None else {k: s.get(k) for k in ("step", "best_loss", "timestamp")})
                     for a, s in checkpoints.items()
                 },
             },
