@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from speclora.checkpoint import recover_checkpoint_dir
 from speclora.config import ADAPTER_ALIASES, Config
 from speclora.data_collector import DataCollector, TrainingExample
 from speclora.models import ModelManager
@@ -70,6 +71,10 @@ class SpeculativeDecodingSystem:
             ValueError: the models cannot speculate together (e.g. vocabularies differ).
         """
         with self._exclusive("initialize"):
+            if self.config.generation.memory_limit_gb is not None:
+                import mlx.core as mx
+
+                mx.set_memory_limit(int(self.config.generation.memory_limit_gb * 2**30))
             manager = ModelManager(self.config.to_dict())
             target, draft = manager.load_models()
             g = self.config.generation
@@ -338,6 +343,8 @@ class SpeculativeDecodingSystem:
         assert self.manager is not None
         if not isinstance(path, str) or not path:
             raise ValueError(f"adapter path must be a non-empty string, got {path!r}")
+        # A save interrupted by a crash is completed or rolled back before reading.
+        recover_checkpoint_dir(self.config.training.checkpoint_dir)
         resolved = self.manager.resolve_adapter_path(path, self.config.training.checkpoint_dir)
         if not resolved.exists():
             logger.warning("no adapter at %s", resolved)

@@ -1,0 +1,749 @@
+"""Loading the target/draft pair and swapping LoRA adapters on a model.
+
+Models load through mlx-lm (a local directory, a hub id, or ``zoo:NAME`` for a
+model shipped with the package). Adapters use mlx-lm's format and layers
+(``adapter_config.json`` + ``adapters.safetensors``, ``LoRALinear``), so an
+adapter trained here works with ``mlx_lm.generate --adapter-path`` and back.
+
+Swapping is exact: the first adapter load of a model keeps references to its
+base modules and weights (no copy: MLX arrays are immutable), and unloading
+puts them back, so the base model's logits come back bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import mlx.core as mx
+from mlx import nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from speclora.config import ADAPTER_ALIASES, ZOO_PREFIX, Config
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapters.safetensors"
+LORA_LAYER_TYPES = (LoRALinear, LoRASwitchLinear, LoRAEmbedding)
+
+# Files that define a Hugging Face tokenizer; a model directory without any of
+# them uses the target's tokenizer.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+@dataclass
+class _Adapter:
+    """An adapter currently applied to a model."""
+
+    path: Path
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    fused: bool
+
+
+@dataclass
+class _ModelState:
+    """What it takes to give a model back its base weights and structure."""
+
+    base_modules: dict[str, nn.Module]  # module path -> the base module object
+    base_params: list[tuple[str, mx.array]]  # references, not copies
+    adapter: _Adapter | None = None
+
+
+@dataclass
+class _AdapterFiles:
+    """A validated adapter read from disk, not yet applied."""
+
+    path: Path
+    num_layers: int
+    lora_parameters: dict[str, Any]  # mlx-lm's: rank, scale, dropout[, keys]
+    alpha: float
+    weights: dict[str, mx.array]
+
+
+def _parameters(model: nn.Module) -> list[tuple[str, mx.array]]:
+    """The model's parameters as (dotted name, array) pairs."""
+    return cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
+
+
+def _module_paths(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: module for name, module in model.named_modules() if name}
+
+
+def _restore(
+    model: nn.Module, modules: dict[str, nn.Module], params: list[tuple[str, mx.array]]
+) -> None:
+    """Put back recorded module objects, then recorded parameter arrays."""
+    current = _module_paths(model)
+    changed = sorted(
+        (path for path, module in modules.items() if current.get(path) is not module),
+        key=lambda path: path.count("."),
+    )
+    # Restoring a module restores its whole subtree: skip paths below one.
+    outermost: list[str] = []
+    for path in changed:
+        if not any(path.startswith(parent + ".") for parent in outermost):
+            outermost.append(path)
+    if outermost:
+        model.update_modules(
+            tree_unflatten([(path, modules[path]) for path in outermost])
+        )
+    model.update(tree_unflatten(params))
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RuntimeError(f"{what} {path.parent} has no {path.name}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RuntimeError(
+            f"{what} {path.parent}: {path.name} is not valid JSON ({e})"
+        ) from e
+    if not isinstance(data, dict):
+        raise RuntimeError(
+            f"{what} {path.parent}: {path.name} must hold a JSON object, got {type(data).__name__}"
+        )
+    return data
+
+
+def _read_adapter(path: Path) -> _AdapterFiles:
+    """Read and validate an adapter directory without touching any model."""
+    what = "LoRA adapter"
+    if not path.exists():
+        raise RuntimeError(f"{what} {path} does not exist")
+    if not path.is_dir():
+        raise RuntimeError(f"{what} {path} is not a directory")
+    config = _read_json(path / ADAPTER_CONFIG, what)
+    where = f"{what} {path}: {ADAPTER_CONFIG}"
+
+    fine_tune_type = config.get("fine_tune_type", "lora")
+    if fine_tune_type != "lora":
+        raise RuntimeError(
+            f"{where}: unsupported fine_tune_type {fine_tune_type!r} (only 'lora' is supported)"
+        )
+    num_layers = config.get("num_layers")
+    if (
+        not isinstance(num_layers, int)
+        or isinstance(num_layers, bool)
+        or num_layers == 0
+        or num_layers < -1
+    ):
+        raise RuntimeError(
+            f"{where}: num_layers must be -1 (all) or an integer >= 1, got {num_layers!r}"
+        )
+    params = config.get("lora_parameters")
+    if not isinstance(params, dict):
+        raise RuntimeError(
+            f"{where}: lora_parameters must be an object, got {params!r}"
+        )
+
+    def number(key: str, value: Any) -> float:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            raise RuntimeError(
+                f"{where}: lora_parameters.{key} must be a finite number, got {value!r}"
+            )
+        return float(value)
+
+    rank = params.get("rank")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise RuntimeError(
+            f"{where}: lora_parameters.rank must be an integer >= 1, got {rank!r}"
+        )
+    # mlx-lm stores scale (= alpha / rank); alpha is an extra key it ignores.
+    alpha_value = params.get("alpha", config.get("alpha"))
+    if "scale" in params:
+        scale = number("scale", params["scale"])
+        alpha = scale * rank if alpha_value is None else number("alpha", alpha_value)
+        if not math.isclose(alpha / rank, scale, rel_tol=1e-6, abs_tol=1e-12):
+            raise RuntimeError(
+                f"{where}: alpha {alpha:g} / rank {rank} disagrees with scale {scale:g}"
+            )
+    elif alpha_value is not None:
+        alpha = number("alpha", alpha_value)
+        scale = alpha / rank
+    else:
+        raise RuntimeError(f"{where}: lora_parameters needs 'scale' (or 'alpha')")
+    dropout = number("dropout", params.get("dropout", 0.0))
+    if not 0.0 <= dropout < 1.0:
+        raise RuntimeError(
+            f"{where}: lora_parameters.dropout must be in [0, 1), got {dropout:g}"
+        )
+    lora_parameters: dict[str, Any] = {"rank": rank, "scale": scale, "dropout": dropout}
+    keys = params.get("keys")
+    if keys is not None:
+        if (
+            not isinstance(keys, list)
+            or not keys
+            or not all(isinstance(k, str) and k for k in keys)
+        ):
+            raise RuntimeError(
+                f"{where}: lora_parameters.keys must be a non-empty list of module names, got {keys!r}"
+            )
+        lora_parameters["keys"] = list(keys)
+
+    weights_file = path / ADAPTER_WEIGHTS
+    if not weights_file.is_file():
+        raise RuntimeError(f"{what} {path} has no {ADAPTER_WEIGHTS}")
+    try:
+        loaded = mx.load(str(weights_file))
+        if not isinstance(loaded, dict):
+            raise ValueError("not a safetensors file")
+        mx.eval(loaded)
+    except Exception as e:  # mlx reports corrupt files with several exception types
+        raise RuntimeError(
+            f"{what} {path}: {ADAPTER_WEIGHTS} is unreadable or corrupt ({e})"
+        ) from e
+    for name, value in loaded.items():
+        if not mx.issubdtype(value.dtype, mx.floating):
+            raise RuntimeError(
+                f"{what} {path}: tensor {name} has dtype {value.dtype}, expected floating point"
+            )
+        if not mx.all(mx.isfinite(value)).item():
+            raise RuntimeError(
+                f"{what} {path}: tensor {name} contains NaN or infinite values"
+            )
+    return _AdapterFiles(path, num_layers, lora_parameters, alpha, loaded)
+
+
+def _apply_adapter(model: nn.Module, files: _AdapterFiles, fuse: bool) -> list[str]:
+    """Convert the model's layers to LoRA, load the weights and optionally fuse.
+
+    Returns:
+        list[str]: Paths of the converted modules.
+    """
+    where = f"LoRA adapter {files.path}"
+    num_layers = files.num_layers
+    if num_layers > len(model.layers):
+        raise RuntimeError(
+            f"{where}: num_layers {num_layers} exceeds the model's {len(model.layers)} blocks"
+        )
+    try:
+        linear_to_lora_layers(model, num_layers, files.lora_parameters)
+    except (ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(
+            f"{where}: cannot convert the model's layers to LoRA ({e})"
+        ) from e
+    converted = [
+        path
+        for path, m in _module_paths(model).items()
+        if isinstance(m, LORA_LAYER_TYPES)
+    ]
+    if not converted:
+        keys = files.lora_parameters.get("keys")
+        raise RuntimeError(f"{where}: keys {keys} match no layer of this model")
+
+    expected = {
+        name: value.shape
+        for name, value in _parameters(model)
+        if name.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
+    }
+    wrong_shape, unknown = [], []
+    for name, value in sorted(files.weights.items()):
+        if name not in expected:
+            unknown.append(f"{name}: not a LoRA parameter of this model")
+        elif tuple(value.shape) != tuple(expected[name]):
+            wrong_shape.append(
+                f"{name}: shape {tuple(value.shape)}, the model expects {tuple(expected[name])}"
+            )
+    missing = [
+        f"{name}: missing from {ADAPTER_WEIGHTS}"
+        for name in sorted(expected)
+        if name not in files.weights
+    ]
+    errors = wrong_shape + unknown + missing
+    if errors:
+        shown = errors[:8] + (
+            [f"... and {len(errors) - 8} more"] if len(errors) > 8 else []
+        )
+        raise RuntimeError(f"{where} does not fit this model:\n  " + "\n  ".join(shown))
+    model.load_weights(list(files.weights.items()), strict=False)
+    if fuse:
+        modules = _module_paths(model)
+        model.update_modules(
+            tree_unflatten([(path, modules[path].fuse()) for path in converted])
+        )
+    return converted
+
+
+def _short_names(paths: list[str], keys: list[str] | None) -> list[str]:
+    """Short module names (``q_proj``) of the converted paths, in the adapter's key order."""
+    shorts = {path.rsplit(".", 1)[-1] for path in paths}
+    if keys is None:
+        return sorted(shorts)
+    ordered = [key.rsplit(".", 1)[-1] for key in keys]
+    return [
+        name
+        for i, name in enumerate(ordered)
+        if name in shorts and name not in ordered[:i]
+    ]
+
+
+def _is_hub_id(ref: str) -> bool:
+    return _HUB_ID.fullmatch(ref) is not None and not ref.startswith(".")
+
+
+def _vocab_size(config: Mapping[str, Any]) -> int | None:
+    for section in (config, config.get("text_config") or {}):
+        size = section.get("vocab_size")
+        if isinstance(size, int):
+            return size
+    return None
+
+
+def _kv_bytes_per_token(config: Mapping[str, Any]) -> int:
+    """Bytes a KV cache holds per token for a model config (keys and values)."""
+    layers = int(config.get("num_hidden_layers", 0))
+    heads = int(config.get("num_attention_heads", 1))
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or config.get("hidden_size", 0) // max(heads, 1))
+    itemsize = 2 if config.get("torch_dtype", "float16") in ("float16", "bfloat16") else 4
+    return 2 * layers * kv_heads * head_dim * itemsize
+
+
+class ModelManager:
+    """Loads the target and draft models and manages LoRA adapters on them.
+
+    Args:
+        config (Mapping[str, Any] | Config): The full configuration (as parsed
+            from ``configs/config.yaml`` or returned by ``load_config``);
+            validated here. Relative paths resolve against the current directory.
+
+    Example:
+        >>> manager = ModelManager(config)
+        >>> target_model, draft_model = manager.load_models()
+        >>> manager.load_lora_adapter(draft_model, "checkpoints/best", fuse=True)
+    """
+
+    def __init__(self, config: Mapping[str, Any] | Config):
+        self.config = config if isinstance(config, Config) else Config.from_dict(config)
+        self._target: nn.Module | None = None
+        self._draft: nn.Module | None = None
+        self._tokenizer: TokenizerWrapper | None = None
+        self.target_config: dict[str, Any] = {}
+        self.draft_config: dict[str, Any] = {}
+        # Keyed by id(model); a finalizer drops the entry when the model dies.
+        self._states: dict[int, _ModelState] = {}
+
+    @property
+    def target_model(self) -> nn.Module:
+        """The target (verifier) model. Raises RuntimeError before ``load_models``."""
+        if self._target is None:
+            raise RuntimeError("models are not loaded: call load_models() first")
+        return self._target
+
+    @property
+    def draft_model(self) -> nn.Module:
+        """The draft (proposer) model. Raises RuntimeError before ``load_models``."""
+        if self._draft is None:
+            raise RuntimeError("models are not loaded: call load_models() first")
+        return self._draft
+
+    @property
+    def tokenizer(self) -> TokenizerWrapper:
+        """The tokenizer shared by both models (the target's)."""
+        if self._tokenizer is None:
+            raise RuntimeError("models are not loaded: call load_models() first")
+        return self._tokenizer
+
+    @property
+    def is_loaded(self) -> bool:
+        """Whether ``load_models`` has completed."""
+        return self._tokenizer is not None
+
+    # ------------------------------------------------------------------ models
+
+    def load_models(self) -> tuple[nn.Module, nn.Module]:
+        """Load the target, the draft and the target's tokenizer.
+
+        The pair is checked before it is returned: both models must have the
+        same vocabulary size, and a draft that ships its own tokenizer must
+        agree with the target's on the vocabulary and the special tokens.
+
+        Returns:
+            tuple[nn.Module, nn.Module]: ``(target_model, draft_model)``, in
+            eval mode.
+
+        Raises:
+            RuntimeError: A model cannot be found or loaded.
+            ValueError: The two models cannot speculate together.
+        """
+        from mlx_lm.utils import load_tokenizer
+
+        target_ref, draft_ref = self.config.models.target, self.config.models.draft
+        target_loc = self._locate(target_ref)
+        draft_loc = self._locate(draft_ref)
+        target, target_config = self._load_model(target_ref, target_loc)
+        try:
+            tokenizer = load_tokenizer(
+                target_loc, eos_token_ids=target_config.get("eos_token_id")
+            )
+        except Exception as e:
+            raise RuntimeError(
+                f"cannot load the tokenizer of model {target_ref!r} from {target_loc}: {e}"
+            ) from e
+        draft, draft_config = self._load_model(draft_ref, draft_loc)
+
+        self._check_vocab_sizes(
+            target_ref, target, target_config, draft_ref, draft, draft_config
+        )
+        if not self._same_tokenizer_files(target_loc, draft_loc):
+            try:
+                draft_tokenizer = load_tokenizer(
+                    draft_loc, eos_token_ids=draft_config.get("eos_token_id")
+                )
+            except Exception as e:
+                raise RuntimeError(
+                    f"cannot load the tokenizer of model {draft_ref!r} from {draft_loc}: {e}"
+                ) from e
+            self._check_tokenizers(target_ref, tokenizer, draft_ref, draft_tokenizer)
+
+        self._target, self._draft, self._tokenizer = target, draft, tokenizer
+        self.target_config, self.draft_config = target_config, draft_config
+        return target, draft
+
+    @staticmethod
+    def _locate(ref: str) -> Path:
+        """Turn a model reference into a local directory (downloading hub ids)."""
+        if ref.startswith(ZOO_PREFIX):
+            try:
+                from speclora import zoo
+
+                path = Path(zoo.resolve(ref))
+            except Exception as e:
+                raise RuntimeError(f"cannot load model {ref!r}: {e}") from e
+        else:
+            path = Path(ref).expanduser()
+            if not path.exists():
+                if not _is_hub_id(ref):
+                    raise RuntimeError(
+                        f"cannot load model {ref!r}: directory {path} does not exist"
+                    )
+                try:
+                    from huggingface_hub import snapshot_download
+                    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+                    path = Path(
+                        snapshot_download(ref, allow_patterns=DEFAULT_ALLOW_PATTERNS)
+                    )
+                except Exception as e:
+                    raise RuntimeError(
+                        f"cannot load model {ref!r}: no such local directory, and the hub "
+                        f"download failed ({type(e).__name__}: {e})"
+                    ) from e
+        if not path.is_dir():
+            raise RuntimeError(f"cannot load model {ref!r}: {path} is not a directory")
+        return path
+
+    @staticmethod
+    def _load_model(ref: str, path: Path) -> tuple[nn.Module, dict[str, Any]]:
+        from mlx_lm.utils import load_model
+
+        config = _read_json(path / "config.json", f"model {ref!r} at")
+        if not isinstance(config.get("model_type"), str):
+            raise RuntimeError(
+                f"cannot load model {ref!r}: {path / 'config.json'} has no model_type"
+            )
+        try:
+            model, config = load_model(path)
+        except Exception as e:
+            raise RuntimeError(
+                f"cannot load model {ref!r} from {path}: {type(e).__name__}: {e}"
+            ) from e
+        model.eval()
+        return model, config
+
+    @staticmethod
+    def _check_vocab_sizes(
+        target_ref: str,
+        target: nn.Module,
+        target_config: Mapping[str, Any],
+        draft_ref: str,
+        draft: nn.Module,
+        draft_config: Mapping[str, Any],
+    ) -> None:
+        t_size, d_size = _vocab_size(target_config), _vocab_size(draft_config)
+        if t_size is not None and d_size is not None and t_size != d_size:
+            raise ValueError(
+                f"target {target_ref!r} and draft {draft_ref!r} cannot speculate together: "
+                f"vocab_size {t_size} != {d_size}"
+            )
+        # The logits' width is what the verifier compares; configs may omit it.
+        probe = mx.array([[0]])
+        t_width, d_width = target(probe).shape[-1], draft(probe).shape[-1]
+        if t_width != d_width:
+            raise ValueError(
+                f"target {target_ref!r} and draft {draft_ref!r} cannot speculate together: "
+                f"they output {t_width} and {d_width} logits per token"
+            )
+
+    @staticmethod
+    def _same_tokenizer_files(target_dir: Path, draft_dir: Path) -> bool:
+        """True if the draft has no tokenizer files or the same ones as the target."""
+        draft_files = [
+            name for name in _TOKENIZER_FILES if (draft_dir / name).is_file()
+        ]
+        for name in draft_files:
+            other = target_dir / name
+            if (
+                not other.is_file()
+                or other.read_bytes() != (draft_dir / name).read_bytes()
+            ):
+                return False
+        return True
+
+    @staticmethod
+    def _check_tokenizers(
+        target_ref: str,
+        target_tok: TokenizerWrapper,
+        draft_ref: str,
+        draft_tok: TokenizerWrapper,
+    ) -> None:
+        prefix = (
+            f"target {target_ref!r} and draft {draft_ref!r} cannot speculate together"
+        )
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            t_id, d_id = getattr(target_tok, attr, None), getattr(draft_tok, attr, None)
+            if t_id != d_id:
+                raise ValueError(
+                    f"{prefix}: their tokenizers disagree on {attr} ({t_id} != {d_id})"
+                )
+        t_vocab, d_vocab = target_tok.get_vocab(), draft_tok.get_vocab()
+        if t_vocab != d_vocab:
+            differing = sorted(
+                set(t_vocab.items()) ^ set(d_vocab.items()), key=lambda kv: kv[1]
+            )
+            example = ", ".join(f"{tok!r}->{i}" for tok, i in differing[:3])
+            raise ValueError(
+                f"{prefix}: their tokenizers' vocabularies differ "
+                f"({len(t_vocab)} vs {len(d_vocab)} tokens; e.g. {example})"
+            )
+
+    def training_copy_of_draft(self) -> nn.Module:
+        """A fresh copy of the draft with its base weights, for training.
+
+        Training a copy leaves the draft that serves requests untouched (whatever
+        adapter it has fused) until the new adapter is swapped in.
+
+        Returns:
+            nn.Module: The draft reloaded from its source, in eval mode.
+        """
+        if not self.is_loaded:
+            raise RuntimeError("ModelManager.load_models() must be called first")
+        ref = self.config.models.draft
+        model, _ = self._load_model(ref, self._locate(ref))
+        return model
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int, memory_limit_gb: float | None = None) -> None:
+        """Refuse a request that cannot fit, before any memory is spent on it.
+
+        Args:
+            prompt_tokens (int): Length of the encoded prompt.
+            max_tokens (int): Tokens to generate.
+            memory_limit_gb (float, optional): Budget for the two models' KV caches.
+
+        Raises:
+            MemoryError: the request exceeds the target's context window
+                (``max_position_embeddings``) or the KV caches would exceed the budget.
+        """
+        total = prompt_tokens + max_tokens
+        window = self.target_config.get("max_position_embeddings")
+        if isinstance(window, int) and total > window:
+            raise MemoryError(
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
+                f"the target's context window of {window} tokens; shorten the prompt or lower max_tokens"
+            )
+        if memory_limit_gb is not None:
+            need = total * sum(_kv_bytes_per_token(c) for c in (self.target_config, self.draft_config))
+            if need > memory_limit_gb * 2**30:
+                raise MemoryError(
+                    f"the KV caches for {total} tokens need {need / 2**30:.2f} GiB, over "
+                    f"generation.memory_limit_gb = {memory_limit_gb}; lower max_tokens"
+                )
+
+    # ---------------------------------------------------------------- adapters
+
+    def load_lora_adapter(
+        self, model: nn.Module, adapter_path: str | os.PathLike[str], fuse: bool = True
+    ) -> None:
+        """Apply a LoRA adapter in mlx-lm's format to ``model``.
+
+        An adapter already on the model is removed first. If anything fails,
+        the model is left exactly as it was (base, or the previous adapter).
+
+        Args:
+            model (nn.Module): An mlx-lm model (with ``.layers``).
+            adapter_path (str | PathLike): Directory holding
+                ``adapter_config.json`` and ``adapters.safetensors``.
+            fuse (bool): Fold the low-rank update into the weights (fast
+                inference); ``False`` keeps ``LoRALinear`` layers (trainable).
+                Default: ``True``.
+
+        Raises:
+            RuntimeError: The adapter is missing, corrupt, unsupported or does
+                not fit the model; the message names the path and the problem.
+        """
+        path = Path(adapter_path).expanduser().absolute()
+        files = _read_adapter(path)
+        state = self._state_for(model)
+        before_modules = _module_paths(model)
+        before_params = _parameters(model)
+        training = model.training
+        try:
+            if state.adapter is not None:
+                _restore(model, state.base_modules, state.base_params)
+            converted = _apply_adapter(model, files, fuse)
+            # New LoRA layers start in training mode; follow the model's mode.
+            model.train(training)
+            mx.eval(model.parameters())
+        except BaseException as e:
+            _restore(model, before_modules, before_params)
+            model.train(training)
+            if isinstance(e, RuntimeError) or not isinstance(e, Exception):
+                raise
+            raise RuntimeError(
+                f"cannot load LoRA adapter {path}: {type(e).__name__}: {e}"
+            ) from e
+        state.adapter = _Adapter(
+            path=path,
+            rank=files.lora_parameters["rank"],
+            alpha=files.alpha,
+            target_modules=_short_names(converted, files.lora_parameters.get("keys")),
+            fused=fuse,
+        )
+
+    def unload_lora_adapter(self, model: nn.Module) -> bool:
+        """Remove the adapter from ``model``, restoring its exact base weights.
+
+        Args:
+            model (nn.Module): A model given to ``load_lora_adapter`` before.
+
+        Returns:
+            bool: ``True`` if an adapter was removed, ``False`` if none was loaded.
+        """
+        state = self._states.get(id(model))
+        if state is None or state.adapter is None:
+            return False
+        training = model.training
+        _restore(model, state.base_modules, state.base_params)
+        model.train(training)
+        state.adapter = None
+        return True
+
+    def adapter_info(self, model: nn.Module) -> dict[str, Any]:
+        """Describe the adapter on ``model``.
+
+        Returns:
+            dict: ``loaded`` (bool), ``path`` (str, absolute), ``rank`` (int),
+            ``alpha`` (float), ``target_modules`` (short names such as
+            ``["q_proj", "v_proj"]``) and ``fused`` (bool). Without an adapter,
+            ``loaded`` is ``False`` and the rest are ``None`` / empty.
+        """
+        state = self._states.get(id(model))
+        adapter = state.adapter if state is not None else None
+        if adapter is None:
+            return {
+                "loaded": False,
+                "path": None,
+                "rank": None,
+                "alpha": None,
+                "target_modules": [],
+                "fused": False,
+            }
+        return {
+            "loaded": True,
+            "path": str(adapter.path),
+            "rank": adapter.rank,
+            "alpha": adapter.alpha,
+            "target_modules": list(adapter.target_modules),
+            "fused": adapter.fused,
+        }
+
+    def _state_for(self, model: nn.Module) -> _ModelState:
+        key = id(model)
+        state = self._states.get(key)
+        if state is None:
+            state = _ModelState(
+                base_modules=_module_paths(model),
+                base_params=_parameters(model),
+            )
+            self._states[key] = state
+            weakref.finalize(model, self._states.pop, key, None)
+        return state
+
+    @staticmethod
+    def resolve_adapter_path(
+        path_or_alias: str | os.PathLike[str], checkpoint_dir: str | os.PathLike[str]
+    ) -> Path:
+        """Turn an adapter alias or path into an absolute directory path.
+
+        ``best``, ``final`` and ``latest`` name ``checkpoint_dir/<alias>``. A
+        bare name (no path separator) that exists in ``checkpoint_dir`` names
+        that checkpoint. Anything else is an explicit path (``~`` expanded,
+        relative to the current directory) and may point anywhere.
+
+        Args:
+            path_or_alias (str | PathLike): An alias, a checkpoint name or a path.
+            checkpoint_dir (str | PathLike): Where the trainer writes checkpoints.
+
+        Returns:
+            Path: The absolute adapter directory (an alias's may not exist yet).
+
+        Raises:
+            ValueError: A name resolved inside ``checkpoint_dir`` leads outside
+                it (through a symbolic link).
+            RuntimeError: A bare name that is neither an alias, a checkpoint
+                nor an existing path.
+        """
+        text = os.fspath(path_or_alias)
+        if not text:
+            raise ValueError("adapter path must be a non-empty string")
+        root = Path(checkpoint_dir).expanduser().resolve()
+        is_bare = (
+            not isinstance(path_or_alias, Path)
+            and os.sep not in text
+            and "/" not in text
+        )
+        is_bare = (
+            is_bare and not text.startswith(("~", ".")) and text not in (".", "..")
+        )
+        if is_bare:
+            candidate = root / text
+            if text in ADAPTER_ALIASES or candidate.exists():
+                resolved = candidate.resolve()
+                if resolved != root and root not in resolved.parents:
+                    raise ValueError(
+                        f"adapter {text!r} resolves to {resolved}, outside checkpoint_dir {root}; "
+                        f"give an explicit path to load an adapter from there"
+                    )
+                return resolved
+            explicit = Path(text).absolute()
+            if explicit.exists():
+                return explicit
+            raise RuntimeError(
+                f"adapter {text!r} not found: it is not an alias ({', '.join(ADAPTER_ALIASES)}), "
+                f"not a checkpoint in {root}, and not an existing path"
+            )
+        return Path(os.path.normpath(Path(text).expanduser().absolute()))
