@@ -199,6 +199,18 @@ def test_fast_and_detailed_agree_for_a_seed(target, draft):
 SMALL_VOCAB = 6
 
 
+def disagreeing_pair():
+    """Two small-vocabulary models whose first-token distributions differ a lot
+    (total variation about 0.38), so rejections and residual sampling carry weight.
+    Untied embeddings: tied ones make tiny random models echo their input."""
+    pair = []
+    for seed in (3, 4):
+        model = make_tiny_llama(16, 1, vocab_size=SMALL_VOCAB, seed=seed, tie_word_embeddings=False)
+        model.lm_head.weight = model.lm_head.weight * 2.0
+        pair.append(model)
+    return pair
+
+
 def sequence_distribution(model, prompt: list[int], params: SamplingParams, length: int) -> dict[tuple[int, ...], float]:
     """Exact probability of every continuation of ``length`` tokens under ``model``."""
     filt = make_logits_filter(params, SMALL_VOCAB)
@@ -229,11 +241,7 @@ def test_sampling_follows_target_distribution(params):
     seeded, the outcome is fixed, and a real bias (e.g. a wrong residual) gives
     p-values many orders of magnitude below it.
     """
-    target = make_tiny_llama(16, 1, vocab_size=SMALL_VOCAB, seed=11)
-    draft = make_tiny_llama(16, 1, vocab_size=SMALL_VOCAB, seed=12)
-    # Sharpen both models so they disagree often and rejections carry weight.
-    for model, scale in ((target, 4.0), (draft, 3.0)):
-        model.model.embed_tokens.weight = model.model.embed_tokens.weight * scale
+    target, draft = disagreeing_pair()
     prompt = [1]
     expected = sequence_distribution(target, prompt, params, 2)
     mx.random.seed(1234)
@@ -250,10 +258,7 @@ def test_sampling_follows_target_distribution(params):
 
 def test_draft_distribution_alone_is_detected():
     """The same test rejects sampling from the draft: it has power."""
-    target = make_tiny_llama(16, 1, vocab_size=SMALL_VOCAB, seed=11)
-    draft = make_tiny_llama(16, 1, vocab_size=SMALL_VOCAB, seed=12)
-    for model, scale in ((target, 4.0), (draft, 3.0)):
-        model.model.embed_tokens.weight = model.model.embed_tokens.weight * scale
+    target, draft = disagreeing_pair()
     params = SamplingParams(temperature=1.0)
     expected = sequence_distribution(target, [1], params, 2)
     mx.random.seed(99)
