@@ -16,6 +16,8 @@ from speclora import SpeculativeDecodingSystem
 from speclora.data_collector import DataCollector, TrainingExample
 from speclora.speculative_manual import ManualSpeculativeDecoder
 
+# Each of these has at least one rejection on the tiny pair (acceptance < 1), so a
+# detailed generation of any of them is collected as a failure.
 PROMPTS = ["What is Python?", "What is JavaScript?", "What is Rust?", "Explain MLX.", "def f(x):", "Hello"]
 
 
@@ -92,9 +94,9 @@ def test_missing_model_is_a_runtime_error(config, tmp_path):
 
 
 def test_modes_agree_and_only_detailed_collects(system):
-    fast = system.generate("Explain Python in one sentence.", mode="fast")
+    fast = system.generate("Tell me more", mode="fast")
     assert system.get_stats()["failure_count"] == 0
-    detailed = system.generate("Explain Python in one sentence.", mode="detailed", max_tokens=12)
+    detailed = system.generate("Tell me more", mode="detailed", max_tokens=12)
     assert fast == detailed
     stats = system.get_stats()
     assert stats["generation_count"] == 2
