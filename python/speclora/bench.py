@@ -135,7 +135,7 @@ def _acceptance_from_round_length(tokens_per_round: float, k: float) -> float:
 
 def environment() -> dict[str, Any]:
     """Machine and versions, recorded next to the figures."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in ("mlx", "mlx-lm", "speclora", "numpy"):
         try:
             versions[name] = metadata.version(name)

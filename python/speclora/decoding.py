@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -70,6 +70,11 @@ class LoopOptions:
     # is lossless but accepts less than rejection sampling on known distributions.
     sampler: Callable[[mx.array], mx.array] | None = None
     profile: bool = False  # synchronise after drafting to time draft and verify apart
+
+
+def host_ints(a: mx.array) -> list[int]:
+    """An evaluated 1-D integer array as a Python list (typed for callers)."""
+    return cast(list[int], a.tolist())
 
 
 def _prefill(model: nn.Module, cache: list[Any], tokens: mx.array) -> None:
@@ -204,9 +209,9 @@ def speculative_rounds(
             validate=False,
         )
         mx.eval(num_accepted, out, d_tokens)
-        n = int(num_accepted.item())
-        emitted = out[0, : n + 1].tolist()
-        draft_list = d_tokens.tolist()
+        n = cast(int, num_accepted.item())
+        emitted = host_ints(out[0, : n + 1])
+        draft_list = host_ints(d_tokens)
         finished = time.perf_counter()
 
         trim_cache(target_cache, k - n)
@@ -222,8 +227,8 @@ def speculative_rounds(
 
         next_token = emitted[-1]
         stopped = False
-        for i, token in enumerate(emitted):
-            if token in options.stop_tokens:
+        for i, emitted_token in enumerate(emitted):
+            if emitted_token in options.stop_tokens:
                 emitted, stopped = emitted[:i], True
                 break
         history.extend(emitted)

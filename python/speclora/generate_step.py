@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx_lm.generate import generation_stream
 from mlx_lm.sample_utils import greedy_sampler
 
-from speclora.decoding import LoopOptions, LogitsProcessor, speculative_rounds
+from speclora.decoding import LogitsProcessor, LoopOptions, host_ints, speculative_rounds
 from speclora.drafting import FixedDraftLength
 
 __all__ = ["speculative_generate_step"]
@@ -81,7 +81,7 @@ def speculative_generate_step(
         for r in speculative_rounds(
             model,
             draft_model,
-            prompt.tolist(),
+            host_ints(prompt),
             max_tokens=limit,
             policy=FixedDraftLength(num_draft_tokens),
             options=options,

@@ -8,12 +8,12 @@ is the same as fast mode's for the same seed, since recording draws no randomnes
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from speclora.decoding import Round
+from speclora.decoding import Round, host_ints
 from speclora.records import Disagreement
 from speclora.speculative import SpeculativeDecoder
 
@@ -58,10 +58,10 @@ class DisagreementRecorder:
                 position=r.position + i,
                 draft_token=draft_token,
                 target_token=r.next_token,
-                draft_confidence=float(q.item()),
-                target_confidence=float(p.item()),
-                top_k_tokens=top.tolist(),
-                top_k_logprobs=top_lp.tolist(),
+                draft_confidence=cast(float, q.item()),
+                target_confidence=cast(float, p.item()),
+                top_k_tokens=host_ints(top),
+                top_k_logprobs=cast(list[float], top_lp.tolist()),
             )
         )
 
