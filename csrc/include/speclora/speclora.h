@@ -1,0 +1,6 @@
+// Everything a C++ MLX program needs from speclora.
+
+#pragma once
+
+#include "speclora/acceptance.h"
+#include "speclora/kv_cache.h"
