@@ -179,6 +179,7 @@ def test_defaults_match_the_interface() -> None:
         "target": "zoo:target",
         "draft": "zoo:draft",
         "draft_adapter": None,
+        "dtype": "auto",
     }
     assert (
         d["generation"]["num_draft_tokens"] == 4

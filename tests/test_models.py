@@ -88,6 +88,20 @@ def test_load_models_returns_pair_and_shared_tokenizer(
     assert not target.training and not draft.training
 
 
+@pytest.mark.parametrize(("dtype", "expected"), [("auto", mx.float32), ("float16", mx.float16)])
+def test_half_precision_weights_compute_in_the_configured_dtype(
+    tmp_path: Path, dtype: str, expected: mx.Dtype
+) -> None:
+    model = make_tiny_llama(32, 1, seed=5)
+    model.set_dtype(mx.float16)
+    path = save_model_dir(model, tmp_path / "half")
+    manager = ModelManager({"models": {"target": str(path), "draft": str(path), "dtype": dtype}})
+    target, draft = manager.load_models()
+    # auto means float32 on the CPU, where half precision has no fast matmul.
+    assert {p.dtype for _, p in nn.utils.tree_flatten(target.parameters())} == {expected}
+    assert {p.dtype for _, p in nn.utils.tree_flatten(manager.training_copy_of_draft().parameters())} == {expected}
+
+
 def test_accessors_before_loading_raise() -> None:
     manager = _manager("/nonexistent/t", "/nonexistent/d")
     with pytest.raises(RuntimeError, match="call load_models"):

@@ -24,6 +24,7 @@ ADAPTER_ALIASES = ("best", "final", "latest")
 """Names of the checkpoints the trainer writes under ``training.checkpoint_dir``."""
 
 GENERATION_MODES = ("fast", "detailed")
+MODEL_DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ZOO_PREFIX = "zoo:"
 _DEFAULT_MAX_DRAFT_TOKENS = 8
@@ -315,6 +316,12 @@ class ModelsConfig(_Section):
         _Str(nullable=True),
         "LoRA adapter loaded into the draft at initialize if it exists: a directory, or "
         "best/final/latest under training.checkpoint_dir.",
+    )
+    dtype: str = _opt(
+        "auto",
+        _Str(choices=MODEL_DTYPES),
+        "Floating-point type the models compute in: auto (float32 on CPU, where half "
+        "precision has no fast matmul; the stored type on a GPU), float32, float16, bfloat16.",
     )
 
     def _resolve_paths(self, base_dir: Path) -> None:
