@@ -304,3 +304,22 @@ def test_generate_step_with_an_mlx_lm_sampler_is_seeded(target, draft):
     mx.random.seed(3)
     b = [t for t, _, _ in speculative_generate_step(prompt, target, draft, sampler=sampler, max_tokens=12)]
     assert a == b and len(a) == 12
+
+
+# -- sliding-window caches past the window ---------------------------------------------
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_greedy_with_sliding_window_past_the_wrap(target, draft, k):
+    """mlx-lm refuses to speculate once a rotating cache wraps; this loop rolls back
+    through the wrap and still reproduces the target's own windowed decoding."""
+    from mlx_lm.models.cache import RotatingKVCache
+
+    window = 16
+    for prompt in random_prompts(4, seed=50 + k):
+        caches = [RotatingKVCache(max_size=window, keep=4) for _ in target.layers]
+        steps = generate_step(mx.array(prompt, mx.uint32), target, max_tokens=3 * window, prompt_cache=caches)
+        expected = [int(t) for t, _ in steps]
+        tokens, rounds = run_rounds(target, draft, prompt, 3 * window, k, max_kv_size=window)
+        assert tokens == expected
+    assert any(r.accepted < r.drafted for r in rounds)
