@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from speclora.cache import DEFAULT_HEADROOM
 from speclora.decoding import LoopOptions, speculative_rounds
 from speclora.drafting import (
     AdaptiveDraftLength,
@@ -79,10 +80,11 @@ class SpeculativeDecoder:
     ) -> None:
         if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int):
             raise ValueError(f"num_draft_tokens must be an integer, got {num_draft_tokens!r}")
-        if not 0 <= num_draft_tokens <= 64:
-            raise ValueError(f"num_draft_tokens must be in [0, 64], got {num_draft_tokens}")
-        if adaptive_draft and not 1 <= max_draft_tokens <= 64:
-            raise ValueError(f"max_draft_tokens must be in [1, 64], got {max_draft_tokens}")
+        # Windowed caches keep DEFAULT_HEADROOM spare slots, which bounds the rollback depth.
+        if not 0 <= num_draft_tokens <= DEFAULT_HEADROOM:
+            raise ValueError(f"num_draft_tokens must be in [0, {DEFAULT_HEADROOM}], got {num_draft_tokens}")
+        if adaptive_draft and not 1 <= max_draft_tokens <= DEFAULT_HEADROOM:
+            raise ValueError(f"max_draft_tokens must be in [1, {DEFAULT_HEADROOM}], got {max_draft_tokens}")
         if max_kv_size is not None and max_kv_size < 1:
             raise ValueError(f"max_kv_size must be >= 1 or None, got {max_kv_size}")
         self.target_model = target_model
