@@ -89,6 +89,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         acceptance_threshold=args.threshold,
         num_epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        rank=args.rank,
         show_progress=not args.no_progress,
     )
     run_demo(_config(args.config) if args.config else None, options)
@@ -157,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts per domain (default: 32)")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens per generation (default: 48)")
     p.add_argument("--threshold", type=float, default=0.9, help="collect generations below this acceptance")
-    p.add_argument("--epochs", type=int, default=2, help="training epochs per round (default: 2)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs per round (default: 3)")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="LoRA learning rate (default: 1e-3)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_demo)
 

@@ -55,7 +55,12 @@ class DemoOptions:
     eval_prompts: int = 32
     max_tokens: int = 48
     acceptance_threshold: float = 0.9
-    num_epochs: int = 2
+    num_epochs: int = 3
+    learning_rate: float = 1e-3
+    rank: int = 16
+    # A one-block draft has little to adapt in attention alone; its MLP carries
+    # most of what it knows about a domain.
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     show_progress: bool = True
 
 
@@ -90,7 +95,14 @@ def run_demo(config: dict[str, Any] | None, options: DemoOptions) -> list[DemoRo
         shutil.rmtree(workdir / sub, ignore_errors=True)
     cfg = Config.from_dict(config or {}).to_dict()
     cfg["collection"].update(data_dir=str(workdir / "failures"), acceptance_threshold=options.acceptance_threshold)
-    cfg["training"].update(checkpoint_dir=str(workdir / "checkpoints"), num_epochs=options.num_epochs)
+    cfg["training"].update(
+        checkpoint_dir=str(workdir / "checkpoints"),
+        num_epochs=options.num_epochs,
+        learning_rate=options.learning_rate,
+        rank=options.rank,
+        alpha=2.0 * options.rank,
+        target_modules=list(options.target_modules),
+    )
     cfg["models"]["draft_adapter"] = None
     cfg["logging"]["show_progress"] = options.show_progress
     system = SpeculativeDecodingSystem(cfg)
