@@ -122,6 +122,9 @@ def run_demo(config: dict[str, Any] | None, options: DemoOptions) -> list[DemoRo
         raise ValueError(f"only {len(train_code)} code training prompts, the demo needs {needed}")
 
     m = options.max_tokens
+    # Warm-up: the first calls pay for kernel compilation and cost calibration.
+    time_target_alone(fast.target_model, eval_prose[0], m, 0.0)
+    time_speclora(fast, eval_prose[0], m, 0.0, "config")
     target_tps = _tokens_per_s(lambda p: time_target_alone(fast.target_model, p, m, 0.0), eval_prose)
 
     def measure_row(round_: int, trained: int, seconds: float, loss: float | None) -> DemoRow:

@@ -183,6 +183,7 @@ class SpeculativeDecoder:
             profile=self.profile,
         )
         recorder = self._recorder(sampling.temperature)
+        policy = self.draft_policy()  # may time the models once; not part of this generation
         stats = RoundStats()
         tokens: list[int] = []
         finish_reason = "length"
@@ -192,7 +193,7 @@ class SpeculativeDecoder:
             self.draft_model,
             prompt_tokens,
             max_tokens=max_tokens,
-            policy=self.draft_policy(),
+            policy=policy,
             options=options,
         ):
             stats.add(r)
