@@ -139,7 +139,7 @@ int sample_weights(const float* w, int size, float total, float u) {
 
 template <typename TD, typename TT>
 void accept_rows(
-    const mx::array& draft_tokens,   // [B, K] int32
+    const mx::array& draft_tokens,   // [B, K] int64
     const mx::array& draft_logits,   // [B, K, V]
     const mx::array& target_logits,  // [B, K+1, V]
     const mx::array& uniforms,       // [B, K+1] float32
@@ -149,7 +149,7 @@ void accept_rows(
   const int B = draft_tokens.shape(0);
   const int K = draft_tokens.shape(1);
   const int V = target_logits.shape(2);
-  const int32_t* draft = draft_tokens.data<int32_t>();
+  const int64_t* draft = draft_tokens.data<int64_t>();
   const auto& dts = draft_tokens.strides();
   const float* u = uniforms.data<float>();
   const auto& us = uniforms.strides();
@@ -168,7 +168,7 @@ void accept_rows(
     int next = 0;
     bool rejected = false;
     for (; n < K; ++n) {
-      const int32_t x = draft[b * dts[0] + n * dts[1]];
+      const int64_t x = draft[b * dts[0] + n * dts[1]];
       const bool in_vocab = x >= 0 && x < V;
       auto target_row = row_of<TT>(target_logits, b, n);
       if (greedy) {
@@ -212,7 +212,8 @@ void accept_rows(
     }
     int32_t* out = tokens + static_cast<int64_t>(b) * (K + 1);
     for (int i = 0; i < n; ++i) {
-      out[i] = draft[b * dts[0] + i * dts[1]];
+      // Accepted drafts lie in [0, V): they fit the int32 output.
+      out[i] = static_cast<int32_t>(draft[b * dts[0] + i * dts[1]]);
     }
     out[n] = next;
     std::fill(out + n + 1, out + K + 1, kPlaceholder);
@@ -359,7 +360,9 @@ std::vector<mx::array> speculative_accept(
       {mx::Shape{B}, mx::Shape{B, K + 1}},
       {mx::int32, mx::int32},
       std::make_shared<SpeculativeAccept>(stream, temperature),
-      {mx::astype(draft_tokens, mx::int32, stream),
+      // int64 holds every integer id exactly (uint64 beyond it turns negative),
+      // so an out-of-range id can never wrap into [0, V) and be accepted.
+      {mx::astype(draft_tokens, mx::int64, stream),
        draft_logits,
        target_logits,
        mx::astype(uniforms, mx::float32, stream)});

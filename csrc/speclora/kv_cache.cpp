@@ -1,6 +1,7 @@
 // kv_ring_write: validation, graph node and the CPU kernel.
 
 #include <cstring>
+#include <limits>
 #include <memory>
 
 #include "mlx/allocator.h"
@@ -41,7 +42,7 @@ template <typename T>
 void ring_write(
     const mx::array& cache,   // [B, H, L, D]
     const mx::array& update,  // [B, H, S, D]
-    const mx::array& start,   // [B] int32
+    const mx::array& start,   // [B] int64
     T* out,                   // [B, H, L, D] row-contiguous
     bool in_place,
     int keep,
@@ -56,11 +57,14 @@ void ring_write(
   const int S = update.shape(2);
   const auto& us = update.strides();
   const T* src = update.data<T>();
-  const int32_t* starts = start.data<int32_t>();
+  const int64_t* starts = start.data<int64_t>();
   const int64_t start_stride = start.strides()[0];
   for (int b = 0; b < B; ++b) {
     const int64_t first = starts[b * start_stride];
     for (int i = 0; i < S; ++i) {
+      if (first > std::numeric_limits<int64_t>::max() - i) {
+        break;  // positions past int64 cannot exist: skipped like any other
+      }
       const int64_t position = first + i;
       if (position < 0) {
         continue;
@@ -141,13 +145,21 @@ mx::array kv_ring_write(
         "has a CPU kernel only; got a stream on " + str(stream.device) +
             " (use the MLX-op reference in speclora.cache there).");
   }
+  // Positions are int64: one beyond int32 must not wrap into the buffer, and
+  // uint64 values past the int64 range saturate rather than turn negative.
+  auto start64 = start.dtype() == mx::uint64
+      ? mx::minimum(
+            start,
+            mx::array(std::numeric_limits<int64_t>::max(), mx::uint64),
+            stream)
+      : start;
   return mx::array(
       cache.shape(),
       cache.dtype(),
       std::make_shared<KVRingWrite>(stream, keep, capacity),
       {cache,
        mx::astype(update, cache.dtype(), stream),
-       mx::astype(start, mx::int32, stream)});
+       mx::astype(start64, mx::int64, stream)});
 }
 
 void KVRingWrite::eval_cpu(

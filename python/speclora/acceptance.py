@@ -20,6 +20,7 @@ an out-of-range draft id is rejected.
 
 from __future__ import annotations
 
+import numbers
 from typing import cast
 
 import mlx.core as mx
@@ -102,7 +103,11 @@ def speculative_accept_reference(
     """
     B, K = draft_tokens.shape
     V = target_logits.shape[-1]
-    drafts = draft_tokens.astype(mx.int32)
+    if B == 0:
+        # MLX refuses reductions over an empty batch; the answer is empty.
+        return mx.zeros((0,), mx.int32), mx.zeros((0, K + 1), mx.int32)
+    # int64, as the kernel: an id beyond int32 must not wrap into [0, V).
+    drafts = draft_tokens.astype(mx.int64)
     in_vocab = (drafts >= 0) & (drafts < V)
     # The scalar the C++ op receives is a float32; decide and scale with it.
     t32 = np.float32(temperature)
@@ -112,7 +117,9 @@ def speculative_accept_reference(
         n = _leading_true(in_vocab & (best[:, :K] == drafts))
         following = _take_row(best, n)
     else:
-        inv_temp = float(np.float32(1.0) / t32)
+        # A subnormal temperature gives inf, as the kernel's float32 division does.
+        with np.errstate(over="ignore"):
+            inv_temp = float(np.float32(1.0) / t32)
         u = uniforms.astype(mx.float32)
         e_t, s_t = _softmax_numerators(target_logits.astype(mx.float32) * inv_temp)
         e_d, s_d = _softmax_numerators(draft_logits.astype(mx.float32) * inv_temp)
@@ -137,7 +144,7 @@ def speculative_accept_reference(
         following = _inverse_cdf(weights, u[:, K])
 
     position = mx.arange(K + 1)[None]
-    drafts_padded = mx.concatenate([drafts, mx.zeros((B, 1), mx.int32)], axis=1)
+    drafts_padded = mx.concatenate([drafts, mx.zeros((B, 1), drafts.dtype)], axis=1)
     tokens = mx.where(
         position < n[:, None],
         drafts_padded,
@@ -213,6 +220,21 @@ def speculative_accept(
     """
     if key is not None and uniforms is not None:
         raise ValueError("[speculative_accept] pass key or uniforms, not both.")
+    for name, value in (
+        ("draft_tokens", draft_tokens),
+        ("draft_logits", draft_logits),
+        ("target_logits", target_logits),
+        ("uniforms", uniforms),
+        ("key", key),
+    ):
+        if value is not None and not isinstance(value, mx.array):
+            raise ValueError(
+                f"[speculative_accept] {name} must be an mx.array, got {type(value).__name__}."
+            )
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(
+            f"[speculative_accept] temperature must be a float, got {temperature!r}."
+        )
     s = resolve_stream(stream)
     ext = extension()
     if uniforms is None:

@@ -60,13 +60,22 @@ def kv_ring_write_reference(
     """
     B, H, L, D = cache.shape
     S = update.shape[2]
-    first = start.astype(mx.int32)[:, None]
-    position = first + mx.arange(S)[None]  # [B, S]
+    # int64, as the kernel: a position beyond int32 must not wrap into the buffer,
+    # and uint64 values past the int64 range saturate rather than turn negative.
+    if start.dtype == mx.uint64:
+        start = mx.minimum(start, mx.array(2**63 - 1, mx.uint64))
+    first = start.astype(mx.int64)[:, None]
+    index = mx.arange(S)[None]
+    # Past int64 the sum wraps negative and is skipped, as the kernel skips it.
+    position = first + index  # [B, S]
     if capacity:
         ring = capacity - keep
         slot = mx.where(position < keep, position, keep + (position - keep) % ring)
-        # A later position of the same call lands on the same slot: it wins.
-        superseded = (position >= keep) & (position + ring < first + S)
+        # A later position of the same call lands on the same slot: it wins
+        # (if that position exists, i.e. does not pass int64).
+        superseded = (
+            (position >= keep) & (index + ring < S) & (position <= 2**63 - 1 - ring)
+        )
     else:
         slot = position
         superseded = mx.zeros(position.shape, mx.bool_)
@@ -107,7 +116,25 @@ def kv_ring_write(
 
     Returns:
         mx.array: The buffer after the write, ``[B, H, L, D]``.
+
+    Raises:
+        ValueError: on bad ranks, shapes, dtypes, ``keep`` or ``capacity``.
     """
+    for name, value in (("cache", cache), ("update", update), ("start", start)):
+        if not isinstance(value, mx.array):
+            raise ValueError(
+                f"[kv_ring_write] {name} must be an mx.array, got {type(value).__name__}."
+            )
+    for name, number in (("keep", keep), ("capacity", capacity)):
+        # The op keeps them as C int.
+        if (
+            isinstance(number, bool)
+            or not isinstance(number, int)
+            or not -(2**31) <= number < 2**31
+        ):
+            raise ValueError(
+                f"[kv_ring_write] {name} must be a 32-bit int, got {number!r}."
+            )
     s = resolve_stream(stream)
     if on_cpu(s):
         result: mx.array = extension().kv_ring_write(

@@ -219,8 +219,19 @@ def recover_checkpoint_dir(checkpoint_dir: str | Path) -> list[str]:
 
 
 def _recover_alias(path: Path) -> None:
-    if not path.exists() and (path.parent / f"{_OLD_PREFIX}{path.name}").exists():
-        recover_checkpoint_dir(path.parent)
+    """Put back this checkpoint's parked copy if a swap of it was interrupted.
+
+    Only this alias is repaired: ``path`` may be any directory the caller names,
+    and the rest of its parent is not this package's to change.
+    """
+    old = path.parent / f"{_OLD_PREFIX}{path.name}"
+    if path.exists() or not old.is_dir():
+        return
+    try:
+        os.rename(old, path)
+        _fsync_path(path.parent, directory=True)
+    except OSError as e:
+        raise RuntimeError(f"Failed to restore {path} from {old}: {e}") from e
 
 
 def load_adapter_checkpoint(

@@ -613,6 +613,12 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ValueError(f"config file {p} is not valid plain YAML: {e}") from e
+    except RecursionError:
+        # PyYAML composes nested collections recursively.
+        raise ValueError(f"config file {p} nests collections too deeply") from None
+    except ValueError as e:
+        # Scalars PyYAML cannot convert, e.g. an integer of thousands of digits.
+        raise ValueError(f"config file {p} holds an unreadable value: {e}") from e
     try:
         return Config.from_dict(data, base_dir=p.resolve().parent).to_dict()
     except ValueError as e:

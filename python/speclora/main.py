@@ -202,6 +202,7 @@ class SpeculativeDecodingSystem:
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         decoder = self.decoder if mode == "detailed" else self.fast_decoder
         assert decoder is not None and self.manager is not None
+        self.manager.check_prompt_length(prompt)
         prompt_tokens = decoder.encode_prompt(prompt)
         self.manager.check_fits(len(prompt_tokens), max_tokens, g.memory_limit_gb)
         with self._exclusive("generate"):

@@ -365,6 +365,7 @@ class ModelManager:
         self.draft_config: dict[str, Any] = {}
         # Keyed by id(model); a finalizer drops the entry when the model dies.
         self._states: dict[int, _ModelState] = {}
+        self._longest_token: int | None = None
 
     @property
     def target_model(self) -> nn.Module:
@@ -577,6 +578,28 @@ class ModelManager:
         model, _ = self._load_model(ref, self._locate(ref))
         _set_compute_dtype(model, self.config.models.dtype)
         return model
+
+    def check_prompt_length(self, prompt: str) -> None:
+        """Refuse a prompt too long for the context window before tokenizing it.
+
+        No token covers more characters than the longest vocabulary entry, so a
+        prompt needs at least ``len(prompt) / longest`` tokens; past the window that
+        is certain without spending seconds and gigabytes encoding it.
+
+        Raises:
+            MemoryError: the prompt cannot fit the target's context window.
+        """
+        window = self.target_config.get("max_position_embeddings")
+        if not isinstance(window, int):
+            return
+        if self._longest_token is None:
+            self._longest_token = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        fewest = len(prompt) // max(self._longest_token, 1)
+        if fewest > window:
+            raise MemoryError(
+                f"prompt of {len(prompt)} characters encodes to at least {fewest} tokens, beyond "
+                f"the target's context window of {window} tokens"
+            )
 
     def check_fits(self, prompt_tokens: int, max_tokens: int, memory_limit_gb: float | None = None) -> None:
         """Refuse a request that cannot fit, before any memory is spent on it.

@@ -110,13 +110,17 @@ class SpeculativeDecoder:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError("prompt is empty or whitespace only")
-            if self.use_chat_template and getattr(self.tokenizer, "has_chat_template", False):
-                messages = [{"role": "user", "content": prompt}]
-                return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-            bos = getattr(self.tokenizer, "bos_token", None)
-            # mlx-lm's rule: add special tokens unless the text already starts with BOS.
-            add_special = bos is None or not prompt.startswith(bos)
-            return list(self.tokenizer.encode(prompt, add_special_tokens=add_special))
+            try:
+                if self.use_chat_template and getattr(self.tokenizer, "has_chat_template", False):
+                    messages = [{"role": "user", "content": prompt}]
+                    return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+                bos = getattr(self.tokenizer, "bos_token", None)
+                # mlx-lm's rule: add special tokens unless the text already starts with BOS.
+                add_special = bos is None or not prompt.startswith(bos)
+                return list(self.tokenizer.encode(prompt, add_special_tokens=add_special))
+            except (TypeError, ValueError, UnicodeError) as e:
+                # e.g. a lone surrogate, which no UTF-8 tokenizer can encode
+                raise ValueError(f"prompt cannot be tokenized ({type(e).__name__}: {e})") from e
         if isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
             tokens = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
             if not tokens:
