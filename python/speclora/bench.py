@@ -201,11 +201,16 @@ def run_benchmark(
     rows: list[BenchRow] = []
     identical = True
     for temperature in temperatures:
-        by_method: dict[str, BenchRow] = {}
-        for name, run in methods:
-            mx.random.seed(seed)
-            by_method[name] = merge_rows([run(p, temperature) for p in prompts])
-            progress(f"T={temperature} {name}: {by_method[name].tokens_per_s:.1f} tok/s")
+        # Methods take turns on each prompt, so a slow spell on a shared machine
+        # lands on all of them rather than on whichever ran then.
+        per_method: dict[str, list[BenchRow]] = {name: [] for name, _ in methods}
+        for i, p in enumerate(prompts):
+            for name, run in methods:
+                mx.random.seed(seed + i)
+                per_method[name].append(run(p, temperature))
+        by_method = {name: merge_rows(rows) for name, rows in per_method.items()}
+        for name, row in by_method.items():
+            progress(f"T={temperature} {name}: {row.tokens_per_s:.1f} tok/s")
         base = by_method["target"]
         best_mlx = max((r for n, r in by_method.items() if n.startswith("mlx-lm")), key=lambda r: r.tokens_per_s)
         for name, row in by_method.items():
