@@ -21,6 +21,8 @@ from mlx_lm.models import llama
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load_model, save_config, save_model
 
+from speclora.records import TrainingExample
+
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 SPECIAL_TOKENS = (BOS, EOS, UNK, PAD)
 CHAT_TEMPLATE = (
@@ -233,3 +235,46 @@ def make_lora_adapter(
     }
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
+
+
+def tiny_system_config(models: TinyModelDirs, root: Path, **training: object) -> dict[str, object]:
+    """A system config for the tiny pair whose detailed generations are all collected.
+
+    Args:
+        models (TinyModelDirs): The pair (e.g. the ``tiny_model_dir`` fixture).
+        root (Path): Where the data and checkpoint directories go.
+        training: Overrides of the ``training`` section.
+    """
+    return {
+        "models": {"target": str(models.target), "draft": str(models.draft)},
+        "generation": {"max_tokens": 8, "num_draft_tokens": 3, "adaptive_draft": False},
+        "collection": {"data_dir": str(root / "data"), "acceptance_threshold": 1.0},
+        "training": {
+            "checkpoint_dir": str(root / "checkpoints"),
+            "min_examples": 2,
+            "num_epochs": 1,
+            "batch_size": 2,
+            "rank": 4,
+            "alpha": 8,
+            "eval_fraction": 0.0,
+            **training,
+        },
+        "logging": {"show_progress": False},
+    }
+
+
+def synthetic_example(example_id: str, seed: int = 0) -> TrainingExample:
+    """A valid training example with random prompt and output tokens of the tiny vocabulary."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return TrainingExample(
+        id=example_id,
+        prompt="p",
+        target_output="t",
+        acceptance_rate=0.1,
+        prompt_tokens=rng.integers(4, TINY_VOCAB_SIZE, 6).tolist(),
+        output_tokens=rng.integers(4, TINY_VOCAB_SIZE, 12).tolist(),
+        disagreements=[],
+        timestamp="2024-01-01T00:00:00",
+    )

@@ -29,46 +29,12 @@ import speclora  # must precede mlx.core: it preloads OpenBLAS
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import synthetic_example, tiny_system_config
 from speclora import SpeculativeDecodingSystem, checkpoint, data_collector, decoding
 from speclora.checkpoint import ADAPTER_WEIGHTS_FILE, TRAINING_STATE_FILE
-from speclora.data_collector import TrainingExample
 
 PYTHON_DIR = str(Path(speclora.__file__).resolve().parent.parent)
 ALIASES = ("latest", "best", "final")
-
-
-def system_config(models: Any, root: Path, **training: Any) -> dict[str, Any]:
-    """A config for the tiny pair whose detailed generations are all collected."""
-    return {
-        "models": {"target": str(models.target), "draft": str(models.draft)},
-        "generation": {"max_tokens": 8, "num_draft_tokens": 3, "adaptive_draft": False},
-        "collection": {"data_dir": str(root / "data"), "acceptance_threshold": 1.0},
-        "training": {
-            "checkpoint_dir": str(root / "checkpoints"),
-            "min_examples": 2,
-            "num_epochs": 2,
-            "batch_size": 2,
-            "rank": 4,
-            "alpha": 8,
-            "eval_fraction": 0.0,
-            **training,
-        },
-        "logging": {"show_progress": False},
-    }
-
-
-def synthetic_failure(example_id: str, seed: int) -> TrainingExample:
-    rng = np.random.default_rng(seed)
-    return TrainingExample(
-        id=example_id,
-        prompt="p",
-        target_output="t",
-        acceptance_rate=0.1,
-        prompt_tokens=rng.integers(4, 260, 6).tolist(),
-        output_tokens=rng.integers(4, 260, 12).tolist(),
-        disagreements=[],
-        timestamp="2024-01-01T00:00:00",
-    )
 
 
 def fingerprint(weights: dict[str, mx.array]) -> str:
@@ -101,7 +67,7 @@ def subprocess_env() -> dict[str, str]:
 
 @pytest.fixture
 def config(tiny_model_dir: Any, tmp_path: Path) -> dict[str, Any]:
-    return system_config(tiny_model_dir, tmp_path)
+    return tiny_system_config(tiny_model_dir, tmp_path, num_epochs=2)
 
 
 @pytest.fixture
@@ -118,7 +84,7 @@ def add_failures(system: SpeculativeDecodingSystem, prefix: str, n: int) -> list
     ids = [f"{prefix}-{i}" for i in range(n)]
     for i, example_id in enumerate(ids):
         system.collector.add_failure(
-            synthetic_failure(example_id, zlib.crc32(example_id.encode()) + i)
+            synthetic_example(example_id, zlib.crc32(example_id.encode()) + i)
         )
     return ids
 
@@ -192,7 +158,7 @@ def run_kill_trials(models: Any, root: Path, kills: int, seed: int) -> dict[str,
     """SIGKILL a training process at random moments; after each kill every alias
     must load and hold one complete save: the last acknowledged one or the one in
     flight, its weights matching the fingerprint stamped into its training state."""
-    config = system_config(models, root, num_epochs=3)
+    config = tiny_system_config(models, root, num_epochs=3)
     config["models"]["draft_adapter"] = "latest"  # each run continues the last one
     checker = SpeculativeDecodingSystem(config)
     checker.initialize()

@@ -33,48 +33,16 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import yaml
-from helpers import make_lora_adapter, make_tiny_llama, save_model_dir
+from helpers import make_lora_adapter, make_tiny_llama, save_model_dir, synthetic_example, tiny_system_config
 from hypothesis import given
 from hypothesis import strategies as st
 from speclora import SpeculativeDecodingSystem
 from speclora.acceptance import speculative_accept
 from speclora.cache import kv_ring_write
 from speclora.config import _SECTIONS, Config, load_config
-from speclora.data_collector import DataCollector, TrainingExample
+from speclora.data_collector import DataCollector
 
 PROMPT = "def fibonacci(n):"
-
-
-def system_config(models: Any, root: Path) -> dict[str, Any]:
-    return {
-        "models": {"target": str(models.target), "draft": str(models.draft)},
-        "generation": {"max_tokens": 8, "num_draft_tokens": 3, "adaptive_draft": False},
-        "collection": {"data_dir": str(root / "data"), "acceptance_threshold": 1.0},
-        "training": {
-            "checkpoint_dir": str(root / "checkpoints"),
-            "min_examples": 2,
-            "num_epochs": 1,
-            "batch_size": 2,
-            "rank": 4,
-            "alpha": 8,
-            "eval_fraction": 0.0,
-        },
-        "logging": {"show_progress": False},
-    }
-
-
-def example(example_id: str, seed: int = 0) -> TrainingExample:
-    rng = np.random.default_rng(seed)
-    return TrainingExample(
-        id=example_id,
-        prompt="p",
-        target_output="t",
-        acceptance_rate=0.1,
-        prompt_tokens=rng.integers(4, 260, 6).tolist(),
-        output_tokens=rng.integers(4, 260, 12).tolist(),
-        disagreements=[],
-        timestamp="2024-01-01T00:00:00",
-    )
 
 
 def tree_digest(root: Path, *, skip: tuple[Path, ...] = ()) -> dict[str, str]:
@@ -371,7 +339,7 @@ def test_unusable_draft_model(
     error: type,
     message: str,
 ) -> None:
-    config = system_config(tiny_model_dir, tmp_path)
+    config = tiny_system_config(tiny_model_dir, tmp_path)
     config["models"]["draft"] = str(bad_models[draft])
     system = SpeculativeDecodingSystem(config)
     with pytest.raises(error, match=message) as info:
@@ -390,14 +358,14 @@ def trained(
     """A system with a trained adapter in use and two failures pending, and the
     adapter directories the table below tries to load."""
     root = tmp_path_factory.mktemp("api")
-    system = SpeculativeDecodingSystem(system_config(tiny_model_dir, root))
+    system = SpeculativeDecodingSystem(tiny_system_config(tiny_model_dir, root))
     system.initialize()
     assert system.collector is not None
     for i in range(2):
-        system.collector.add_failure(example(f"trained-{i}", i))
+        system.collector.add_failure(synthetic_example(f"trained-{i}", i))
     system.train()
     for i in range(2):
-        system.collector.add_failure(example(f"pending-{i}", 10 + i))
+        system.collector.add_failure(synthetic_example(f"pending-{i}", 10 + i))
     best = Path(system.config.training.checkpoint_dir) / "best"
     adapters = root / "adapters"
     paths = {
@@ -600,23 +568,23 @@ def test_enormous_prompt_is_refused_before_tokenizing(trained: dict[str, Any]) -
 def test_broken_and_hostile_records_do_not_stop_training(
     tiny_model_dir: Any, tmp_path: Path
 ) -> None:
-    config = system_config(tiny_model_dir, tmp_path / "run")
+    config = tiny_system_config(tiny_model_dir, tmp_path / "run")
     data_dir = Path(config["collection"]["data_dir"])
     collector = DataCollector(data_dir)
     hostile = ["../../escape", str(tmp_path / "absolute"), "ok"]
     for i, example_id in enumerate(hostile):
-        collector.add_failure(example(example_id, i))
-    newer = json.dumps({**example("future").to_dict(), "new_field": 1})
+        collector.add_failure(synthetic_example(example_id, i))
+    newer = json.dumps({**synthetic_example("future").to_dict(), "new_field": 1})
     with sqlite3.connect(collector.db_path) as conn:
         conn.executemany(
             "INSERT INTO failures (id, version, payload) VALUES (?, ?, ?)",
             [
-                ("truncated", 1, example("truncated").to_dict().__repr__()[:40]),
+                ("truncated", 1, synthetic_example("truncated").to_dict().__repr__()[:40]),
                 (
                     "bad-field",
                     1,
                     json.dumps(
-                        {**example("bad-field").to_dict(), "acceptance_rate": 7}
+                        {**synthetic_example("bad-field").to_dict(), "acceptance_rate": 7}
                     ),
                 ),
                 ("future", 2, newer),
@@ -652,11 +620,11 @@ def test_broken_and_hostile_records_do_not_stop_training(
 def test_truncated_collector_database_is_refused_and_kept(
     tiny_model_dir: Any, tmp_path: Path
 ) -> None:
-    config = system_config(tiny_model_dir, tmp_path)
+    config = tiny_system_config(tiny_model_dir, tmp_path)
     collector = DataCollector(config["collection"]["data_dir"])
     for i in range(30):
         collector.add_failure(
-            dataclasses.replace(example(f"x{i}", i), prompt="p" * 3000)
+            dataclasses.replace(synthetic_example(f"x{i}", i), prompt="p" * 3000)
         )
     collector.close()
     db = collector.db_path
@@ -689,7 +657,7 @@ def test_adapter_path_with_dot_dot_is_read_only(
     outside_adapter: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    config = system_config(tiny_model_dir, tmp_path / "run")
+    config = tiny_system_config(tiny_model_dir, tmp_path / "run")
     checkpoints = Path(config["training"]["checkpoint_dir"])
     checkpoints.mkdir(parents=True)
     system = SpeculativeDecodingSystem(config)
@@ -701,7 +669,7 @@ def test_adapter_path_with_dot_dot_is_read_only(
     assert system.load_adapter("../../outside/mine") is True
     assert system.get_adapter_info()["path"] == str(outside_adapter)
     for i in range(2):
-        system.collector.add_failure(example(f"f{i}", i))
+        system.collector.add_failure(synthetic_example(f"f{i}", i))
     system.train()  # continues from the outside adapter, writes into checkpoint_dir
     assert tree_digest(outside_adapter.parent) == before
     assert (checkpoints / "best").is_dir()
@@ -710,7 +678,7 @@ def test_adapter_path_with_dot_dot_is_read_only(
 def test_resuming_an_interrupted_outside_adapter_touches_nothing_else(
     tiny_model_dir: Any, tmp_path: Path, outside_adapter: Path
 ) -> None:
-    config = system_config(tiny_model_dir, tmp_path / "run")
+    config = tiny_system_config(tiny_model_dir, tmp_path / "run")
     system = SpeculativeDecodingSystem(config)
     system.initialize()
     assert system.collector is not None
@@ -722,7 +690,7 @@ def test_resuming_an_interrupted_outside_adapter_touches_nothing_else(
         tree_digest(outside_adapter.parent / ".old-other"),
     )
     for i in range(2):
-        system.collector.add_failure(example(f"f{i}", i))
+        system.collector.add_failure(synthetic_example(f"f{i}", i))
     system.train()
     # Its own parked copy was put back; unrelated directories there were not touched.
     assert (outside_adapter / "adapters.safetensors").is_file()
