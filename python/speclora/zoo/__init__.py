@@ -1,8 +1,9 @@
 """The shipped target/draft model pair and its held-out prompts.
 
 A small Llama-architecture pair trained offline by ``python -m speclora.zoo build``:
-the target knows Python code and the Python documentation; the draft was trained
-mostly on the documentation, so it is clearly weaker on code. Refer to them as
+the target knows Python code and the Python documentation; the draft, a quarter of
+its width and one layer deep, learnt to imitate the target on the documentation
+only, so it is clearly weaker on code. Refer to them as
 ``"zoo:target"`` and ``"zoo:draft"`` wherever a model path or hub id is accepted.
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -55,6 +56,13 @@ class TrainSpec:
     weight_decay: float = field(metadata={"help": "AdamW weight decay."})
     mix: dict[str, float] = field(metadata={"help": "Domain -> share of sequences."})
     seed: int = field(metadata={"help": "Seed for init and batch sampling."})
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model whose next-token distributions are the targets "
+            "(distillation); None learns the text's own next tokens."
+        },
+    )
 
 
 class WindowSampler:
@@ -127,6 +135,21 @@ def _loss(model, batch):  # batch: [B, L] int32
     )
 
 
+def _distill_loss(model, batch, teacher):  # batch: [B, L] int32
+    """Cross-entropy of ``model`` against ``teacher``'s next-token distributions.
+
+    A draft taught this way spends its small capacity on imitating the model it
+    will draft for, which is what speculative acceptance rewards.
+    """
+    import mlx.core as mx
+    from mlx import nn
+
+    inputs = batch[:, :-1]
+    soft = mx.stop_gradient(mx.softmax(teacher(inputs).astype(mx.float32), axis=-1))
+    log_q = nn.log_softmax(model(inputs).astype(mx.float32), axis=-1)
+    return -(soft * log_q).sum(axis=-1).mean()
+
+
 def mean_loss(model, windows: np.ndarray, *, batch_size: int = 16) -> float:
     """Mean next-token cross-entropy (nats) over ``windows``, BOS position excluded.
 
@@ -155,6 +178,7 @@ def train(
     sampler: WindowSampler,
     spec: TrainSpec,
     *,
+    teacher=None,
     log: Callable[[str], None] = print,
     log_every: int = 50,
 ) -> dict:
@@ -164,6 +188,8 @@ def train(
         model (nn.Module): The model to train.
         sampler (WindowSampler): Source of training sequences.
         spec (TrainSpec): Optimisation settings.
+        teacher (nn.Module, optional): The model named by ``spec.teacher``, kept
+            frozen; required exactly when ``spec.teacher`` is set.
         log (Callable[[str], None]): Progress sink. Default: ``print``.
         log_every (int): Steps between progress lines. Default: ``50``.
 
@@ -175,6 +201,11 @@ def train(
     import mlx.optimizers as optim
     from mlx import nn
 
+    if (teacher is None) != (spec.teacher is None):
+        raise ValueError(
+            f"spec.teacher is {spec.teacher!r} but a teacher model was "
+            f"{'not ' if teacher is None else ''}given"
+        )
     warmup = optim.linear_schedule(0.0, spec.learning_rate, max(spec.warmup_steps, 1))
     decay = optim.cosine_decay(
         spec.learning_rate,
@@ -183,7 +214,12 @@ def train(
     )
     schedule = optim.join_schedules([warmup, decay], [max(spec.warmup_steps, 1)])
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=spec.weight_decay)
-    loss_and_grad = nn.value_and_grad(model, _loss)
+    if teacher is None:
+        loss_fn = _loss
+    else:
+        teacher.eval()
+        loss_fn = functools.partial(_distill_loss, teacher=teacher)
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state]
 
     def step(batch):
