@@ -237,7 +237,10 @@ def test_distillation_moves_the_student_towards_the_teacher():
 
     def kl() -> float:
         # Cross-entropy against the teacher minus the teacher's own entropy.
-        return (_distill_loss(student, windows, teacher) - _distill_loss(teacher, windows, teacher)).item()
+        return (
+            _distill_loss(student, windows, teacher)
+            - _distill_loss(teacher, windows, teacher)
+        ).item()
 
     before = kl()
     train(student, sampler, _spec(40, "target"), teacher=teacher, log=lambda _: None)
@@ -255,12 +258,19 @@ def test_train_requires_a_teacher_exactly_when_the_spec_names_one():
         train(student, sampler, _spec(1, None), teacher=teacher)
 
 
-def test_build_rejects_a_model_teaching_itself():
+def test_build_rejects_a_model_teaching_itself_or_its_teacher():
     import dataclasses
 
     from speclora.zoo.build import _training_order, quick_config
 
     cfg = quick_config()
-    cfg.training["target"] = dataclasses.replace(cfg.training["target"], teacher="target")
+    cfg.training["target"] = dataclasses.replace(
+        cfg.training["target"], teacher="target"
+    )
     with pytest.raises(ValueError, match="teacher 'target'"):
+        _training_order(cfg)
+    cfg.training["target"] = dataclasses.replace(
+        cfg.training["target"], teacher="draft"
+    )
+    with pytest.raises(ValueError, match="one another"):
         _training_order(cfg)

@@ -232,7 +232,8 @@ def _training_order(cfg: BuildConfig) -> list[str]:
                 f"{name!r} cannot learn from teacher {teacher!r}; expected one of "
                 f"{[n for n in MODEL_NAMES if n != name]}"
             )
-    # Two models: at most one teaches the other.
+    if all(cfg.training[n].teacher is not None for n in MODEL_NAMES):
+        raise ValueError(f"Models {MODEL_NAMES} cannot all learn from one another")
     return sorted(MODEL_NAMES, key=lambda n: cfg.training[n].teacher is not None)
 
 
