@@ -1,7 +1,8 @@
 """Build the shipped target/draft pair from offline text, reproducibly.
 
 Run ``python -m speclora.zoo build`` to regenerate the committed weights (about
-an hour on two CPU cores, most of it the target) or ``--quick`` for a tiny end-to-end run.
+an hour on two CPU cores, most of it the target) or ``--quick`` for a tiny
+end-to-end run.
 """
 
 from __future__ import annotations
