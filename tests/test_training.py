@@ -1,9 +1,8 @@
-"""Tests for speclora.training (LoRATrainer) and speclora.checkpoint."""
+"""Tests for speclora.training (LoRATrainer); the checkpoint store is in test_checkpoint.py."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import speclora  # noqa: F401  (must precede mlx.core: preloads OpenBLAS)
@@ -15,12 +14,6 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.tuner.lora import LoRALinear
 
-from speclora import checkpoint
-from speclora.checkpoint import (
-    load_adapter_checkpoint,
-    recover_checkpoint_dir,
-    save_adapter_checkpoint,
-)
 from speclora.records import Disagreement, TrainingExample
 from speclora.training import LoRATrainer
 
@@ -428,83 +421,3 @@ def test_resume_with_wrong_shape_raises(tmp_path):
         trainer.train(make_examples(8), [], resume_from=tmp_path / "missing")
     after = lora_params(model)
     assert all(np.array_equal(after[k], before[k]) for k in before)
-
-
-def checkpoint_weights(path: Path) -> dict[str, np.ndarray]:
-    weights, _, _ = load_adapter_checkpoint(path)
-    return {k: np.array(v) for k, v in weights.items()}
-
-
-def lora_model_with(value: float):
-    model = make_model()
-    LoRATrainer(model, CharTokenizer(), {"rank": 2})
-    for _, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            m.lora_b = mx.full(m.lora_b.shape, value)
-    return model
-
-
-ADAPTER_CONFIG = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {}}
-
-
-def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / "best"
-    save_adapter_checkpoint(lora_model_with(1.0), path, ADAPTER_CONFIG, {"step": 1})
-    real_write_json = checkpoint._write_json
-    calls = []
-
-    def failing_write_json(p, data):
-        calls.append(p)
-        if len(calls) == 2:  # adapters + config written, state file fails
-            raise OSError(28, "No space left on device")
-        real_write_json(p, data)
-
-    monkeypatch.setattr(checkpoint, "_write_json", failing_write_json)
-    with pytest.raises(RuntimeError, match=str(path)):
-        save_adapter_checkpoint(lora_model_with(2.0), path, ADAPTER_CONFIG, {"step": 2})
-    weights = checkpoint_weights(path)
-    assert all(np.all(v == 1.0) for k, v in weights.items() if k.endswith("lora_b"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
-
-
-def test_failed_swap_restores_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / "latest"
-    save_adapter_checkpoint(lora_model_with(1.0), path, ADAPTER_CONFIG, {"step": 1})
-    real_rename = os.rename
-
-    def failing_rename(src, dst):
-        if Path(src).name.startswith(".tmp-"):  # old copy already parked
-            raise OSError(5, "Input/output error")
-        real_rename(src, dst)
-
-    monkeypatch.setattr(checkpoint.os, "rename", failing_rename)
-    with pytest.raises(RuntimeError, match=str(path)):
-        save_adapter_checkpoint(lora_model_with(2.0), path, ADAPTER_CONFIG, {"step": 2})
-    monkeypatch.undo()
-    _, _, state = load_adapter_checkpoint(path)
-    assert state["step"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
-
-
-def test_recovery_after_crash_between_renames(tmp_path):
-    root = tmp_path / "ckpt"
-    save_adapter_checkpoint(
-        lora_model_with(1.0), root / "best", ADAPTER_CONFIG, {"step": 1}
-    )
-    save_adapter_checkpoint(
-        lora_model_with(2.0), root / "final", ADAPTER_CONFIG, {"step": 7}
-    )
-    # What a crash leaves at each point of a swap: best parked and not yet
-    # replaced; final replaced but its old copy not yet removed; a half-written
-    # temporary directory.
-    os.rename(root / "best", root / ".old-best")
-    (root / ".old-final").mkdir()
-    (root / ".tmp-latest-0123").mkdir()
-    (root / ".tmp-latest-0123" / "adapters.safetensors").write_bytes(b"partial")
-
-    _, _, state = load_adapter_checkpoint(root / "best")  # recovers on load
-    assert state["step"] == 1
-    recover_checkpoint_dir(root)
-    assert sorted(p.name for p in root.iterdir()) == ["best", "final"]
-    assert load_adapter_checkpoint(root / "final")[2]["step"] == 7
-    assert recover_checkpoint_dir(root) == []

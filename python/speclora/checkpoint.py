@@ -7,27 +7,35 @@ A checkpoint is a directory that ``mlx_lm.load(model_dir, adapter_path=...)`` an
     <alias>/adapter_config.json    fine_tune_type, num_layers, lora_parameters, ...
     <alias>/training_state.json    step, losses, timestamp, format version
 
-Writes are atomic per alias: everything is written and fsynced into a temporary
-directory beside the target (same filesystem), then swapped in with renames::
+Any number of threads and processes may save and load the aliases of one
+directory at once. Each save writes a new, never-modified version directory and
+publishes it by atomically replacing the alias, a relative symbolic link::
 
-    <alias>  ->  .old-<alias>      (old copy parked)
-    .tmp-<alias>-<id>  ->  <alias> (new copy in place)
-    remove .old-<alias>
+    <dir>/<alias>  ->  .versions/<alias>-<id>/     (os.replace of the link)
+    <dir>/.versions/<alias>-<id>.writing           flock held by its live writer
+    <dir>/.lock                                    shared: loaders; exclusive: cleanup
 
-A crash at any instant therefore leaves either the complete old or the complete
-new checkpoint; :func:`recover_checkpoint_dir` (run by the loaders here) puts a
-parked old copy back when the alias is missing and removes leftovers. A
-checkpoint directory is assumed to have one writer at a time.
+So an alias always names a complete checkpoint (the previous or the new one),
+with no window in which it is missing, for readers of any tool. Loaders resolve
+the link once and read every file from that one version while holding ``.lock``
+shared; cleanup removes a version only when no alias names it, its writer's
+lock is free (the writer finished or died: the kernel drops a dead process's
+flock) and it holds ``.lock`` exclusively, so it never deletes what another
+process is writing or reading.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +48,15 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 TRAINING_STATE_FILE = "training_state.json"
 CHECKPOINT_FORMAT_VERSION = 1
 
+VERSIONS_DIR = ".versions"
+LOCK_FILE = ".lock"
+_WRITING = ".writing"
+# Left by the previous layout (aliases as plain directories swapped by renames).
 _OLD_PREFIX = ".old-"
-_TMP_PREFIX = ".tmp-"
+_REPLACED = "-replaced-"
+_LINK_PREFIX = ".link-"  # a new alias link before it replaces the alias
+
+logger = logging.getLogger(__name__)
 
 
 def _fsync_path(path: Path, *, directory: bool = False) -> None:
@@ -66,8 +81,73 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
 def _write_weights(path: Path, weights: dict[str, mx.array]) -> None:
     mx.save_safetensors(str(path), weights)
     # MLX writes the file itself; fsync it afterwards so the data is durable
-    # before the directory is renamed into place.
+    # before the version is published.
     _fsync_path(path)
+
+
+def _free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free there"
+    except OSError:
+        return "free space unknown"
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int, *, create: bool) -> Iterator[bool]:
+    """Hold ``flock(mode)`` on ``path``; yields False when it could not be taken.
+
+    With ``LOCK_NB`` in ``mode`` a busy lock yields False instead of waiting. A
+    lock file that cannot be opened (missing and ``create`` false, or a
+    read-only directory) also yields False: there is then nothing to exclude.
+    """
+    while True:
+        try:
+            fd = os.open(path, (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY, 0o644)
+        except OSError:
+            yield False
+            return
+        try:
+            fcntl.flock(fd, mode)
+        except BlockingIOError:
+            os.close(fd)
+            yield False
+            return
+        # Cleanup may have unlinked the file between open and flock; a lock on
+        # an unlinked file excludes nobody, so take the one now on disk.
+        try:
+            current = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+        if not create:
+            yield False
+            return
+    try:
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def reading(path: str | Path) -> Iterator[Path]:
+    """Pin the checkpoint at ``path`` while it is read.
+
+    Resolves ``path`` (an alias link or a plain directory) once and holds its
+    directory's ``.lock`` shared, so cleanup cannot remove the version being
+    read and a concurrent save cannot mix two versions into one read.
+
+    Args:
+        path (str | Path): A checkpoint directory or alias.
+
+    Yields:
+        Path: The directory to read every file from.
+    """
+    path = Path(path)
+    _recover_alias(path)
+    with _flock(path.parent / LOCK_FILE, fcntl.LOCK_SH, create=False):
+        yield path.resolve()
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
@@ -86,6 +166,30 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
+def _is_published_link(path: Path) -> bool:
+    """Whether ``path`` is an alias link this module wrote."""
+    return path.is_symlink() and Path(os.readlink(path)).parent == Path(VERSIONS_DIR)
+
+
+def _publish(link: Path, path: Path) -> None:
+    """Make the alias ``path`` be ``link`` (which already points at the new version)."""
+    if path.is_dir() and not path.is_symlink():
+        # A plain directory (the previous layout, or copied in by hand) cannot be
+        # replaced atomically by a link: park it as an unpublished version under
+        # the exclusive lock, so this package's loaders never see the gap, and
+        # recovery puts it back if the process dies between the two renames.
+        parked = path.parent / VERSIONS_DIR / f"{path.name}{_REPLACED}{uuid.uuid4().hex[:12]}"
+        with _flock(path.parent / LOCK_FILE, fcntl.LOCK_EX, create=True):
+            os.rename(path, parked)
+            os.replace(link, path)
+        return
+    if os.path.lexists(path) and not _is_published_link(path):
+        # A file, or a link somewhere else: replace the entry itself (a link's
+        # target is never touched) and say so once.
+        logger.warning("replacing %s, which was not a checkpoint of this directory", path)
+    os.replace(link, path)
+
+
 def save_adapter_checkpoint(
     model: nn.Module,
     path: str | Path,
@@ -94,13 +198,14 @@ def save_adapter_checkpoint(
 ) -> Path:
     """Atomically write an mlx-lm adapter checkpoint to ``path``.
 
-    On success ``path`` holds the new checkpoint; on failure it still holds the
-    previous one (if any) and no temporary files are left behind.
+    On success ``path`` names the new checkpoint; on failure it still names the
+    previous one (if any). Other processes may read or write the same directory
+    meanwhile.
 
     Args:
         model (nn.Module): The model; its trainable parameters are saved.
-        path (str | Path): The checkpoint directory (e.g.
-            ``<checkpoint_dir>/best``). Its parent is created if needed.
+        path (str | Path): The alias (e.g. ``<checkpoint_dir>/best``). Its parent
+            is created if needed.
         adapter_config (Mapping): The ``adapter_config.json`` contents
             (mlx-lm format: ``fine_tune_type``, ``num_layers``,
             ``lora_parameters``).
@@ -112,7 +217,7 @@ def save_adapter_checkpoint(
 
     Raises:
         RuntimeError: If the checkpoint cannot be written (disk full,
-            permissions, ...); the message names the path.
+            permissions, ...); the message names the path and the cause.
     """
     path = Path(path)
     weights = adapter_weights(model)
@@ -127,64 +232,73 @@ def save_adapter_checkpoint(
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "version": CHECKPOINT_FORMAT_VERSION,
     }
-    parent = path.parent
-    old = parent / f"{_OLD_PREFIX}{path.name}"
-    tmp = parent / f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:12]}"
-    parked = False
+    root = path.parent
+    name = f"{path.name}-{uuid.uuid4().hex[:12]}"
+    version = root / VERSIONS_DIR / name
+    link = root / f"{_LINK_PREFIX}{name}"
+    published = False
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        # A parked copy beside a present alias is a leftover of an interrupted
-        # swap whose new copy made it in; it is no longer needed.
-        if old.exists() and path.exists():
-            shutil.rmtree(old)
-        elif old.exists():
-            os.rename(old, path)
-        tmp.mkdir()
-        _write_weights(tmp / ADAPTER_WEIGHTS_FILE, weights)
-        _write_json(tmp / ADAPTER_CONFIG_FILE, adapter_config)
-        _write_json(tmp / TRAINING_STATE_FILE, full_state)
-        _fsync_path(tmp, directory=True)
-
-        if path.exists():
-            os.rename(path, old)
-            parked = True
-        os.rename(tmp, path)
-    except BaseException as e:
-        # Put the previous checkpoint back before reporting.
-        try:
-            if parked and not path.exists() and old.exists():
-                os.rename(old, path)
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise RuntimeError(
-                f"Failed to write adapter checkpoint {path}: {e}; the previous "
-                "checkpoint there (if any) is unchanged"
-            ) from e
-        raise
-    if parked:
-        shutil.rmtree(old, ignore_errors=True)
-    try:
-        _fsync_path(parent, directory=True)
-    except OSError as e:
+        version.parent.mkdir(parents=True, exist_ok=True)
+        # Loaders lock this file; it must exist before anything is published.
+        (root / LOCK_FILE).touch(exist_ok=True)
+        writing = version.parent / f"{name}{_WRITING}"
+        with _flock(writing, fcntl.LOCK_EX, create=True) as held:
+            if not held:
+                raise OSError(errno.EACCES, "cannot create the writer's lock file", str(writing))
+            try:
+                version.mkdir()
+                _write_weights(version / ADAPTER_WEIGHTS_FILE, weights)
+                _write_json(version / ADAPTER_CONFIG_FILE, adapter_config)
+                _write_json(version / TRAINING_STATE_FILE, full_state)
+                _fsync_path(version, directory=True)
+                os.symlink(os.path.join(VERSIONS_DIR, name), link)
+                _publish(link, path)
+                published = True
+                _fsync_path(root, directory=True)
+            except BaseException:
+                if not published:
+                    # Nothing names it: remove it now (recovery would, later).
+                    with contextlib.suppress(OSError):
+                        link.unlink()
+                    shutil.rmtree(version, ignore_errors=True)
+                raise
+            finally:
+                writing.unlink(missing_ok=True)
+    except (OSError, RuntimeError) as e:
+        # MLX reports a failed file write as RuntimeError without the path.
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC
         raise RuntimeError(
-            f"Wrote adapter checkpoint {path} but could not sync its directory: {e}"
+            f"Failed to write adapter checkpoint {path} (in {root}, "
+            f"{_free_space(root)}): {cause}"
+            + ("; the disk is full" if full else "")
+            + ("" if published else "; the previous checkpoint there (if any) is unchanged")
         ) from e
+    try:
+        recover_checkpoint_dir(root)
+    except RuntimeError as e:
+        logger.warning("%s", e)
     return path
 
 
-def recover_checkpoint_dir(checkpoint_dir: str | Path) -> list[str]:
-    """Repair what an interrupted :func:`save_adapter_checkpoint` left behind.
+def _writer_alive(versions: Path, name: str) -> bool:
+    """Whether the process that writes version ``name`` still holds its lock."""
+    with _flock(versions / f"{name}{_WRITING}", fcntl.LOCK_SH | fcntl.LOCK_NB, create=False) as free:
+        return not free and (versions / f"{name}{_WRITING}").exists()
 
-    For every alias: if ``<alias>/`` is missing but ``.old-<alias>/`` exists, the
-    old copy is moved back; if both exist the old copy is removed. Temporary
-    ``.tmp-*`` directories are removed. Safe to call at any time when no save is
-    in progress; a missing ``checkpoint_dir`` is not an error.
+
+def recover_checkpoint_dir(checkpoint_dir: str | Path) -> list[str]:
+    """Remove what dead or finished writers left behind in ``checkpoint_dir``.
+
+    Removes versions that no alias names once their writer is gone, and stray
+    lock and link files; puts back an alias whose plain directory a crash left
+    parked. Safe to call at any time from any process: what a live writer
+    holds, or a loader is reading, is never touched (while a loader reads,
+    nothing is removed this time; the next save cleans up). A missing
+    ``checkpoint_dir`` is not an error.
 
     Args:
-        checkpoint_dir (str | Path): Directory holding the alias directories.
+        checkpoint_dir (str | Path): Directory holding the aliases.
 
     Returns:
         list[str]: One line per repair made (empty if nothing needed fixing).
@@ -193,24 +307,40 @@ def recover_checkpoint_dir(checkpoint_dir: str | Path) -> list[str]:
         RuntimeError: If a repair fails; the message names the path.
     """
     root = Path(checkpoint_dir)
+    versions = root / VERSIONS_DIR
     actions: list[str] = []
     if not root.is_dir():
         return actions
     try:
-        for entry in sorted(root.iterdir()):
-            if not entry.is_dir():
-                continue
-            if entry.name.startswith(_OLD_PREFIX):
-                alias = root / entry.name[len(_OLD_PREFIX) :]
-                if alias.exists():
+        parked = [e.name[len(_OLD_PREFIX) :] for e in root.glob(f"{_OLD_PREFIX}*")]
+        if versions.is_dir():
+            parked += [e.name.partition(_REPLACED)[0] for e in versions.glob(f"*{_REPLACED}*")]
+        for alias in sorted(set(parked)):
+            if _recover_alias(root / alias):
+                actions.append(f"restored {root / alias}")
+        if not versions.is_dir():
+            return actions
+        with _flock(root / LOCK_FILE, fcntl.LOCK_EX | fcntl.LOCK_NB, create=True) as held:
+            if not held:
+                return actions
+            for entry in sorted(versions.iterdir()):
+                name = entry.name.removesuffix(_WRITING)
+                if _writer_alive(versions, name):
+                    continue
+                if entry.name.endswith(_WRITING):
+                    if not (versions / name).exists():
+                        entry.unlink(missing_ok=True)
+                    continue
+                # Checked after the writer's lock: a writer publishes before it
+                # lets go, so an unpublished version of a gone writer is debris.
+                if name not in _published(root):
                     shutil.rmtree(entry)
-                    actions.append(f"removed superseded {entry}")
-                else:
-                    os.rename(entry, alias)
-                    actions.append(f"restored {alias} from {entry}")
-            elif entry.name.startswith(_TMP_PREFIX):
-                shutil.rmtree(entry)
-                actions.append(f"removed incomplete {entry}")
+                    actions.append(f"removed unused {entry}")
+                (versions / f"{name}{_WRITING}").unlink(missing_ok=True)
+            for entry in root.glob(".link-*"):
+                if not _writer_alive(versions, entry.name.removeprefix(_LINK_PREFIX)):
+                    entry.unlink(missing_ok=True)
+                    actions.append(f"removed stray {entry}")
         if actions:
             _fsync_path(root, directory=True)
     except OSError as e:
@@ -218,29 +348,79 @@ def recover_checkpoint_dir(checkpoint_dir: str | Path) -> list[str]:
     return actions
 
 
-def _recover_alias(path: Path) -> None:
-    """Put back this checkpoint's parked copy if a swap of it was interrupted.
+def _published(root: Path) -> set[str]:
+    """Names of the versions that alias links in ``root`` point at."""
+    return {
+        Path(os.readlink(entry)).name
+        for entry in root.iterdir()
+        if _is_published_link(entry) and not entry.name.startswith(_LINK_PREFIX)
+    }
 
-    Only this alias is repaired: ``path`` may be any directory the caller names,
-    and the rest of its parent is not this package's to change.
+
+def _recover_alias(path: Path) -> bool:
+    """Put back a checkpoint that a crash left parked while ``path`` is missing.
+
+    The parked copy is ``.old-<name>`` (the previous layout's renames) or the
+    newest ``.versions/<name>-replaced-*`` (a plain directory being replaced by
+    a link). Only this alias is repaired: ``path`` may be any directory the
+    caller names, and the rest of its parent is not this package's to change.
     """
-    old = path.parent / f"{_OLD_PREFIX}{path.name}"
-    if path.exists() or not old.is_dir():
-        return
+    root, name = path.parent, path.name
+    if os.path.lexists(path):
+        return False
+    old = root / f"{_OLD_PREFIX}{name}"
+    parked = sorted(
+        (root / VERSIONS_DIR).glob(f"{name}{_REPLACED}*"), key=lambda p: p.stat().st_mtime
+    )
+    if not (old.is_dir() and not old.is_symlink()) and not parked:
+        return False
     try:
-        os.rename(old, path)
-        _fsync_path(path.parent, directory=True)
+        # Exclusive, so a save parking this alias right now finishes first.
+        with _flock(root / LOCK_FILE, fcntl.LOCK_EX, create=True):
+            if os.path.lexists(path):
+                return False
+            if old.is_dir() and not old.is_symlink():
+                os.rename(old, path)
+            else:
+                os.symlink(os.path.join(VERSIONS_DIR, parked[-1].name), path)
+        _fsync_path(root, directory=True)
     except OSError as e:
-        raise RuntimeError(f"Failed to restore {path} from {old}: {e}") from e
+        raise RuntimeError(f"Failed to restore {path} from {old if old.is_dir() else parked[-1]}: {e}") from e
+    return True
+
+
+def read_training_state(path: str | Path) -> dict[str, Any]:
+    """The ``training_state.json`` of the checkpoint directory ``path``.
+
+    Returns:
+        dict: The state; empty for adapters written by other tools (e.g.
+        ``mlx_lm.lora``), which have none.
+
+    Raises:
+        RuntimeError: The file is unreadable, not JSON or not a JSON object; the
+            message names the file.
+    """
+    state_file = Path(path) / TRAINING_STATE_FILE
+    if not state_file.is_file():
+        return {}
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise RuntimeError(f"Failed to read training state {state_file}: {e}") from e
+    if not isinstance(state, dict):
+        raise RuntimeError(
+            f"Training state {state_file} must hold a JSON object, got {type(state).__name__}"
+        )
+    return state
 
 
 def load_adapter_checkpoint(
     path: str | Path,
 ) -> tuple[dict[str, mx.array], dict[str, Any], dict[str, Any]]:
-    """Read an adapter checkpoint, recovering an interrupted save first.
+    """Read an adapter checkpoint: every file from one complete version.
 
     Args:
-        path (str | Path): The checkpoint directory.
+        path (str | Path): The checkpoint directory or alias.
 
     Returns:
         tuple: ``(weights, adapter_config, training_state)``; the state is an
@@ -250,30 +430,21 @@ def load_adapter_checkpoint(
         RuntimeError: If the directory, its weights or its config are missing
             or unreadable; the message names the path.
     """
-    path = Path(path)
-    _recover_alias(path)
-    weights_file = path / ADAPTER_WEIGHTS_FILE
-    config_file = path / ADAPTER_CONFIG_FILE
-    if not weights_file.is_file():
-        raise RuntimeError(f"No adapter weights at {weights_file}")
-    try:
-        weights = mx.load(str(weights_file))
-        if not isinstance(weights, dict):
-            raise RuntimeError(f"{weights_file} holds no named arrays")
-        mx.eval(weights)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise RuntimeError(f"Failed to read adapter weights {weights_file}: {e}") from e
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise RuntimeError(f"Failed to read adapter config {config_file}: {e}") from e
-    state_file = path / TRAINING_STATE_FILE
-    state: dict[str, Any] = {}
-    if state_file.is_file():
+    with reading(path) as source:
+        weights_file = source / ADAPTER_WEIGHTS_FILE
+        config_file = source / ADAPTER_CONFIG_FILE
+        if not weights_file.is_file():
+            raise RuntimeError(f"No adapter weights at {Path(path) / ADAPTER_WEIGHTS_FILE}")
         try:
-            state = json.loads(state_file.read_text(encoding="utf-8"))
+            weights = mx.load(str(weights_file))
+            if not isinstance(weights, dict):
+                raise RuntimeError(f"{weights_file} holds no named arrays")
+            mx.eval(weights)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise RuntimeError(f"Failed to read adapter weights {weights_file}: {e}") from e
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise RuntimeError(
-                f"Failed to read training state {state_file}: {e}"
-            ) from e
+            raise RuntimeError(f"Failed to read adapter config {config_file}: {e}") from e
+        state = read_training_state(source)
     return weights, config, state

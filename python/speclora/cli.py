@@ -50,16 +50,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from speclora.checkpoint import read_training_state, reading
     from speclora.config import ADAPTER_ALIASES, Config
     from speclora.data_collector import DataCollector
 
     cfg = Config.from_dict(_config(args.config))
     c = cfg.collection
     collector = DataCollector(c.data_dir, c.replay_buffer_max_size, c.acceptance_threshold)
-    checkpoints = {}
+    root = Path(cfg.training.checkpoint_dir).expanduser()
+    checkpoints: dict[str, dict[str, Any] | None] = {}
     for alias in ADAPTER_ALIASES:
-        state = Path(cfg.training.checkpoint_dir) / alias / "training_state.json"
-        checkpoints[alias] = json.loads(state.read_text()) if state.exists() else None
+        try:
+            with reading(root / alias) as source:
+                state = read_training_state(source) if source.is_dir() else None
+            checkpoints[alias] = state and {
+                k: state.get(k) for k in ("step", "best_loss", "timestamp")
+            }
+        except RuntimeError as e:  # reported, so the other aliases still show
+            checkpoints[alias] = {"error": str(e)}
     print(
         json.dumps(
             {
@@ -67,10 +75,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 "failure_count": collector.failure_count,
                 "replay_buffer_size": collector.replay_buffer_size,
                 "checkpoint_dir": cfg.training.checkpoint_dir,
-                "checkpoints": {
-                    a: (None if s is None else {k: s.get(k) for k in ("step", "best_loss", "timestamp")})
-                    for a, s in checkpoints.items()
-                },
+                "checkpoints": checkpoints,
             },
             indent=2,
         )

@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from speclora.checkpoint import recover_checkpoint_dir
 from speclora.config import ADAPTER_ALIASES, Config
 from speclora.data_collector import DataCollector, TrainingExample
 from speclora.models import ModelManager
@@ -344,8 +343,6 @@ class SpeculativeDecodingSystem:
         assert self.manager is not None
         if not isinstance(path, str) or not path:
             raise ValueError(f"adapter path must be a non-empty string, got {path!r}")
-        # A save interrupted by a crash is completed or rolled back before reading.
-        recover_checkpoint_dir(self.config.training.checkpoint_dir)
         resolved = self.manager.resolve_adapter_path(path, self.config.training.checkpoint_dir)
         if not resolved.exists():
             logger.warning("no adapter at %s", resolved)
@@ -355,8 +352,9 @@ class SpeculativeDecodingSystem:
 
     def _swap_adapter(self, path: Path) -> None:
         assert self.manager is not None and self.fast_decoder is not None
-        self.manager.load_lora_adapter(self.fast_decoder.draft_model, str(path), fuse=True)
-        self._adapter_path = path.resolve()
+        draft = self.fast_decoder.draft_model
+        self.manager.load_lora_adapter(draft, str(path), fuse=True)
+        self._adapter_path = self.manager.adapter_source(draft)
         self.tracker.reset_recent()
 
     def unload_adapter(self) -> bool:

@@ -29,10 +29,11 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from speclora.checkpoint import ADAPTER_CONFIG_FILE as ADAPTER_CONFIG
+from speclora.checkpoint import ADAPTER_WEIGHTS_FILE as ADAPTER_WEIGHTS
+from speclora.checkpoint import reading
 from speclora.config import ADAPTER_ALIASES, ZOO_PREFIX, Config
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapters.safetensors"
 LORA_LAYER_TYPES = (LoRALinear, LoRASwitchLinear, LoRAEmbedding)
 
 # Files that define a Hugging Face tokenizer; a model directory without any of
@@ -53,6 +54,7 @@ class _Adapter:
     """An adapter currently applied to a model."""
 
     path: Path
+    source: Path  # the directory read: what ``path`` named at load time
     rank: int
     alpha: float
     target_modules: list[str]
@@ -109,30 +111,32 @@ def _restore(
     model.update(tree_unflatten(params))
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def _read_json(path: Path, what: str, where: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RuntimeError(f"{what} {path.parent} has no {path.name}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RuntimeError(
-            f"{what} {path.parent}: {path.name} is not valid JSON ({e})"
-        ) from e
+        raise RuntimeError(f"{what} {where} has no {path.name}") from None
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
+        raise RuntimeError(f"{what} {where}: {path.name} is not valid JSON ({e})") from e
     if not isinstance(data, dict):
         raise RuntimeError(
-            f"{what} {path.parent}: {path.name} must hold a JSON object, got {type(data).__name__}"
+            f"{what} {where}: {path.name} must hold a JSON object, got {type(data).__name__}"
         )
     return data
 
 
-def _read_adapter(path: Path) -> _AdapterFiles:
-    """Read and validate an adapter directory without touching any model."""
+def _read_adapter(path: Path, source: Path) -> _AdapterFiles:
+    """Read and validate an adapter directory without touching any model.
+
+    Every file is read from ``source``, the directory ``path`` resolves to, so a
+    concurrent save of the alias cannot mix two checkpoints; messages name ``path``.
+    """
     what = "LoRA adapter"
-    if not path.exists():
+    if not source.exists():
         raise RuntimeError(f"{what} {path} does not exist")
-    if not path.is_dir():
+    if not source.is_dir():
         raise RuntimeError(f"{what} {path} is not a directory")
-    config = _read_json(path / ADAPTER_CONFIG, what)
+    config = _read_json(source / ADAPTER_CONFIG, what, path)
     where = f"{what} {path}: {ADAPTER_CONFIG}"
 
     fine_tune_type = config.get("fine_tune_type", "lora")
@@ -204,7 +208,7 @@ def _read_adapter(path: Path) -> _AdapterFiles:
             )
         lora_parameters["keys"] = list(keys)
 
-    weights_file = path / ADAPTER_WEIGHTS
+    weights_file = source / ADAPTER_WEIGHTS
     if not weights_file.is_file():
         raise RuntimeError(f"{what} {path} has no {ADAPTER_WEIGHTS}")
     try:
@@ -483,7 +487,7 @@ class ModelManager:
     def _load_model(ref: str, path: Path) -> tuple[nn.Module, dict[str, Any]]:
         from mlx_lm.utils import load_model
 
-        config = _read_json(path / "config.json", f"model {ref!r} at")
+        config = _read_json(path / "config.json", f"model {ref!r} at", path)
         if not isinstance(config.get("model_type"), str):
             raise RuntimeError(
                 f"cannot load model {ref!r}: {path / 'config.json'} has no model_type"
@@ -654,7 +658,8 @@ class ModelManager:
                 not fit the model; the message names the path and the problem.
         """
         path = Path(adapter_path).expanduser().absolute()
-        files = _read_adapter(path)
+        with reading(path) as source:
+            files = _read_adapter(path, source)
         state = self._state_for(model)
         before_modules = _module_paths(model)
         before_params = _parameters(model)
@@ -676,6 +681,7 @@ class ModelManager:
             ) from e
         state.adapter = _Adapter(
             path=path,
+            source=source,
             rank=files.lora_parameters["rank"],
             alpha=files.alpha,
             target_modules=_short_names(converted, files.lora_parameters.get("keys")),
@@ -729,6 +735,12 @@ class ModelManager:
             "fused": adapter.fused,
         }
 
+    def adapter_source(self, model: nn.Module) -> Path | None:
+        """The directory the adapter on ``model`` was read from (what its
+        checkpoint alias named at load time), or ``None`` without an adapter."""
+        state = self._states.get(id(model))
+        return state.adapter.source if state is not None and state.adapter else None
+
     def _state_for(self, model: nn.Module) -> _ModelState:
         key = id(model)
         state = self._states.get(key)
@@ -779,14 +791,15 @@ class ModelManager:
         )
         if is_bare:
             candidate = root / text
-            if text in ADAPTER_ALIASES or candidate.exists():
+            if text in ADAPTER_ALIASES or os.path.lexists(candidate):
                 resolved = candidate.resolve()
                 if resolved != root and root not in resolved.parents:
                     raise ValueError(
                         f"adapter {text!r} resolves to {resolved}, outside checkpoint_dir {root}; "
                         f"give an explicit path to load an adapter from there"
                     )
-                return resolved
+                # The alias itself, not what it names now: a save may replace it.
+                return candidate
             explicit = Path(text).absolute()
             if explicit.exists():
                 return explicit
