@@ -505,3 +505,87 @@ def test_two_processes_sharing_a_data_dir_lose_nothing(config: dict[str, Any]) -
         collected
     )
     assert system.collector.corrupt_records == []
+
+
+# --------------------------------------------------------------- trainers and loaders at once
+
+# Loads an alias in a loop, printing each success, until the file named by
+# argv[3] exists; then once more.
+_LOADER_PROCESS = r"""
+import json, sys
+from pathlib import Path
+import speclora
+from speclora.main import SpeculativeDecodingSystem
+
+config, alias, stop = json.loads(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+system = SpeculativeDecodingSystem(config)
+system.initialize()
+while not stop.exists():
+    if system.load_adapter(alias):
+        print("ok", flush=True)
+assert system.load_adapter(alias), "the finished trainings left no " + alias
+"""
+
+# Collects two failures and trains, until the file named by argv[3] exists.
+_TRAINING_PROCESS = r"""
+import json, sys
+from pathlib import Path
+import speclora
+from speclora.main import SpeculativeDecodingSystem
+from helpers import synthetic_example
+
+config, tag, stop = json.loads(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+system = SpeculativeDecodingSystem(config)
+system.initialize()
+r = 0
+while not stop.exists():
+    for j in range(2):
+        system.collector.add_failure(synthetic_example(f"{tag}-{r}-{j}", 100 * r + j))
+    system.train()
+    print("trained", r, flush=True)
+    r += 1
+"""
+
+
+def test_trainers_and_loaders_share_one_checkpoint_dir(
+    config: dict[str, Any], tmp_path: Path
+) -> None:
+    """Two processes train repeatedly into one checkpoint_dir while two others
+    load ``best`` and ``latest`` in a loop: no load and no training fails, and
+    loading never removes a save in progress. The processes stop once every
+    loader has loaded 25 times while the trainers were running (progress, not
+    time, so the overlap does not depend on machine speed)."""
+    stop = tmp_path / "stop"
+    env = subprocess_env()
+    env["PYTHONPATH"] += os.pathsep + str(Path(__file__).parent)
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-c", *args, str(stop)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    trainers = [start(_TRAINING_PROCESS, json.dumps(config), tag) for tag in ("A", "B")]
+    loaders = [start(_LOADER_PROCESS, json.dumps(config), a) for a in ("best", "latest")]
+    try:
+        for proc in trainers:
+            _read_lines_until(proc, "trained")
+        for proc in loaders:
+            for _ in range(25):
+                _read_lines_until(proc, "ok")
+        stop.touch()
+        results = [proc.communicate(timeout=300) for proc in trainers + loaders]
+    finally:
+        for proc in trainers + loaders:
+            proc.kill()
+            proc.wait()
+    for proc, (_, err) in zip(trainers + loaders, results):
+        assert proc.returncode == 0, err
+    root = Path(config["training"]["checkpoint_dir"])
+    checkpoint.recover_checkpoint_dir(root)
+    assert sorted(p.name for p in (root / checkpoint.VERSIONS_DIR).iterdir()) == sorted(
+        Path(os.readlink(root / a)).name for a in ALIASES
+    )

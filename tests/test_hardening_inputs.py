@@ -675,7 +675,7 @@ def test_adapter_path_with_dot_dot_is_read_only(
     assert (checkpoints / "best").is_dir()
 
 
-def test_resuming_an_interrupted_outside_adapter_touches_nothing_else(
+def test_resuming_an_outside_adapter_touches_nothing_else(
     tiny_model_dir: Any, tmp_path: Path, outside_adapter: Path
 ) -> None:
     config = tiny_system_config(tiny_model_dir, tmp_path / "run")
@@ -683,19 +683,13 @@ def test_resuming_an_interrupted_outside_adapter_touches_nothing_else(
     system.initialize()
     assert system.collector is not None
     assert system.load_adapter(str(outside_adapter)) is True
-    # As if a save into that directory was interrupted between its two renames.
+    # Moved away after loading (as the previous layout's interrupted save left
+    # it): training continues from the weights that were loaded, and reads or
+    # writes nothing there.
     os.rename(outside_adapter, outside_adapter.parent / ".old-mine")
-    leftovers = (
-        tree_digest(outside_adapter.parent / ".tmp-other-1234"),
-        tree_digest(outside_adapter.parent / ".old-other"),
-    )
+    before = tree_digest(outside_adapter.parent)
     for i in range(2):
         system.collector.add_failure(synthetic_example(f"f{i}", i))
     system.train()
-    # Its own parked copy was put back; unrelated directories there were not touched.
-    assert (outside_adapter / "adapters.safetensors").is_file()
-    assert (
-        tree_digest(outside_adapter.parent / ".tmp-other-1234"),
-        tree_digest(outside_adapter.parent / ".old-other"),
-    ) == leftovers
-    assert not (outside_adapter.parent / "other").exists()
+    assert tree_digest(outside_adapter.parent) == before
+    assert not outside_adapter.exists()

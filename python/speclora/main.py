@@ -287,6 +287,7 @@ class SpeculativeDecodingSystem:
         assert self.manager is not None and self.collector is not None
         from speclora.training import LoRATrainer
 
+        assert self.fast_decoder is not None
         with self._exclusive("train"):
             failures = self.collector.load_failures()
             need = self.config.training.min_examples
@@ -299,6 +300,7 @@ class SpeculativeDecodingSystem:
             student = self.manager.training_copy_of_draft()
             trainer = LoRATrainer(
                 student,
+            loaded = self.manager.loaded_adapter(self.fast_decoder.draft_model)
                 self.manager.tokenizer,
                 self.config.training.to_dict(),
                 show_progress=self.config.logging.show_progress,
@@ -309,7 +311,7 @@ class SpeculativeDecodingSystem:
                     replay,
                     num_epochs=num_epochs,
                     learning_rate=learning_rate,
-                    resume_from=self._adapter_path,
+                    resume_from=loaded[1] if loaded else None,
                 )
             except (ValueError, RuntimeError):
                 raise
@@ -354,7 +356,8 @@ class SpeculativeDecodingSystem:
         assert self.manager is not None and self.fast_decoder is not None
         draft = self.fast_decoder.draft_model
         self.manager.load_lora_adapter(draft, str(path), fuse=True)
-        self._adapter_path = self.manager.adapter_source(draft)
+        loaded = self.manager.loaded_adapter(draft)
+        self._adapter_path = loaded[0] if loaded else None
         self.tracker.reset_recent()
 
     def unload_adapter(self) -> bool:

@@ -55,6 +55,7 @@ class _Adapter:
 
     path: Path
     source: Path  # the directory read: what ``path`` named at load time
+    weights: dict[str, mx.array]  # as read, so training can continue from them
     rank: int
     alpha: float
     target_modules: list[str]
@@ -682,6 +683,7 @@ class ModelManager:
         state.adapter = _Adapter(
             path=path,
             source=source,
+            weights=files.weights,
             rank=files.lora_parameters["rank"],
             alpha=files.alpha,
             target_modules=_short_names(converted, files.lora_parameters.get("keys")),
@@ -735,11 +737,17 @@ class ModelManager:
             "fused": adapter.fused,
         }
 
-    def adapter_source(self, model: nn.Module) -> Path | None:
-        """The directory the adapter on ``model`` was read from (what its
-        checkpoint alias named at load time), or ``None`` without an adapter."""
+    def loaded_adapter(self, model: nn.Module) -> tuple[Path, dict[str, mx.array]] | None:
+        """The adapter on ``model`` as read: the directory (what its checkpoint
+        alias named at load time) and its weights; ``None`` without an adapter.
+
+        Training continues from these weights rather than re-reading the
+        directory, which another process's save may have superseded by then.
+        """
         state = self._states.get(id(model))
-        return state.adapter.source if state is not None and state.adapter else None
+        if state is None or state.adapter is None:
+            return None
+        return state.adapter.source, state.adapter.weights
 
     def _state_for(self, model: nn.Module) -> _ModelState:
         key = id(model)

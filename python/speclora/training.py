@@ -495,15 +495,19 @@ class LoRATrainer:
 
     # ------------------------------------------------------------ checkpoints
 
-    def _load_resume(self, path: str | Path) -> None:
-        path = Path(path).expanduser()
-        if path.is_file():
+    def _load_resume(self, source: str | Path | Mapping[str, mx.array]) -> None:
+        label = "given in memory" if isinstance(source, Mapping) else str(source)
+        saved_scale = None
+        weights: dict[str, mx.array]
+        if isinstance(source, Mapping):
+            weights = dict(source)
+        elif (path := Path(source).expanduser()).is_file():
             try:
-                weights = mx.load(str(path))
+                read = mx.load(str(path))
             except (OSError, ValueError, RuntimeError) as e:
                 raise RuntimeError(f"Failed to read adapter weights {path}: {e}") from e
-            assert isinstance(weights, dict)
-            saved_scale = None
+            assert isinstance(read, dict)
+            weights = read
         else:
             weights, config, _ = load_adapter_checkpoint(path)
             saved_scale = (config.get("lora_parameters") or {}).get("scale")
@@ -521,7 +525,7 @@ class LoRATrainer:
             shown = "; ".join(problems[:5])
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
             raise RuntimeError(
-                f"Cannot resume from adapter {path}: it does not match the model's LoRA "
+                f"Cannot resume from adapter {label}: it does not match the model's LoRA "
                 f"layers (rank {self.lora.rank}, keys {self.lora.keys}): {shown}{more}"
             )
         if saved_scale is not None and not math.isclose(
@@ -529,7 +533,7 @@ class LoRATrainer:
         ):
             logger.warning(
                 "Adapter %s was trained with scale %g; continuing with scale %g",
-                path,
+                label,
                 float(saved_scale),
                 self.lora.scale,
             )
@@ -575,7 +579,7 @@ class LoRATrainer:
         *,
         num_epochs: int | None = None,
         learning_rate: float | None = None,
-        resume_from: str | Path | None = None,
+        resume_from: str | Path | Mapping[str, mx.array] | None = None,
         on_step: Callable[[int, float], None] | None = None,
     ) -> dict[str, Any]:
         """Train the LoRA layers on failures plus replayed past examples.
@@ -596,9 +600,10 @@ class LoRATrainer:
                 against forgetting. Default: ``()``.
             num_epochs (int, optional): Overrides ``training.num_epochs``.
             learning_rate (float, optional): Overrides ``training.learning_rate``.
-            resume_from (str | Path, optional): An mlx-lm adapter directory (or
-                ``adapters.safetensors`` file) whose LoRA weights initialise
-                training, e.g. the previous round's ``best``.
+            resume_from (str | Path | Mapping, optional): An mlx-lm adapter
+                directory (or ``adapters.safetensors`` file), or its weights
+                already read (name -> array), that initialise training, e.g. the
+                previous round's ``best``.
             on_step (Callable[[int, float], None], optional): Called after every
                 optimizer step with the step number (from 1) and its loss.
 
@@ -701,7 +706,7 @@ class LoRATrainer:
         learning_rate: float,
         steps_per_epoch: int,
         rng: np.random.Generator,
-        resume_from: str | Path | None,
+        resume_from: str | Path | Mapping[str, mx.array] | None,
         on_step: Callable[[int, float], None] | None,
         start: float,
     ) -> dict[str, Any]:
@@ -799,7 +804,11 @@ class LoRATrainer:
                     "num_examples": len(train_set),
                     "num_eval": len(eval_set),
                     "num_replay": num_replay,
-                    "resumed_from": None if resume_from is None else str(resume_from),
+                    "resumed_from": (
+                        None
+                        if resume_from is None or isinstance(resume_from, Mapping)
+                        else str(resume_from)
+                    ),
                 }
                 self._save("latest", state)
                 if improved:
