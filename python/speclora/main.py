@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from speclora.config import ADAPTER_ALIASES, Config
-from speclora.data_collector import DataCollector, TrainingExample
+from speclora.data_collector import DataCollector, TrainingExample, pair_fingerprint
 from speclora.models import ModelManager
 from speclora.results import GenerationResult
 from speclora.speculative import SpeculativeDecoder
@@ -100,10 +100,12 @@ class SpeculativeDecodingSystem:
                 **options,
             )
             c = self.config.collection
+            # Examples are kept per tokenizer: another pair's token ids are meaningless here.
             self.collector = DataCollector(
                 c.data_dir,
                 replay_buffer_max_size=c.replay_buffer_max_size,
                 acceptance_threshold=c.acceptance_threshold,
+                pair=pair_fingerprint(manager.tokenizer.get_vocab()),
             )
             self.manager = manager
             if self.config.models.draft_adapter is not None:
@@ -285,9 +287,9 @@ class SpeculativeDecodingSystem:
         """
         self._require_initialized()
         assert self.manager is not None and self.collector is not None
+        assert self.fast_decoder is not None
         from speclora.training import LoRATrainer
 
-        assert self.fast_decoder is not None
         with self._exclusive("train"):
             failures = self.collector.load_failures()
             need = self.config.training.min_examples
@@ -298,9 +300,9 @@ class SpeculativeDecodingSystem:
                 )
             replay = self.collector.load_replay_buffer()
             student = self.manager.training_copy_of_draft()
+            loaded = self.manager.loaded_adapter(self.fast_decoder.draft_model)
             trainer = LoRATrainer(
                 student,
-            loaded = self.manager.loaded_adapter(self.fast_decoder.draft_model)
                 self.manager.tokenizer,
                 self.config.training.to_dict(),
                 show_progress=self.config.logging.show_progress,
