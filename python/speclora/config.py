@@ -3,8 +3,11 @@
 Every section is optional and every key has a default. Validation refuses unknown
 sections and keys, wrong types (a bool is not an integer) and out-of-range values
 with a ``ValueError`` that names the dotted key, the offending value and what is
-allowed. Path values have ``~`` expanded and relative paths resolved against the
-config file's directory (``load_config``) or the current directory.
+allowed. Every numeric key has an upper bound that the code the value reaches can
+hold (MLX's int32 sizes, SQLite's int64, the uint64 seed, float32 arithmetic), so
+a config that validates never fails later on the size of a number. Path values
+have ``~`` expanded and relative paths resolved against the config file's
+directory (``load_config``) or the current directory.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import abc
 import difflib
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,12 +31,39 @@ GENERATION_MODES = ("fast", "detailed")
 MODEL_DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ZOO_PREFIX = "zoo:"
-_DEFAULT_MAX_DRAFT_TOKENS = 8
 """Model references starting with this name a model shipped with the package."""
+_DEFAULT_MAX_DRAFT_TOKENS = 8
+
+# Upper bounds of the numeric keys: what the code each value reaches can hold.
+_INT32_MAX = 2**31 - 1
+"""Counts of tokens, examples, steps and layers: MLX sizes and positions are int32."""
+_INT64_MAX = 2**63 - 1
+"""Largest SQLite integer (the replay buffer's size bounds a query)."""
+_UINT64_MAX = 2**64 - 1
+"""Largest seed ``mx.random.seed`` accepts (an unsigned 64-bit integer)."""
+_MAX_KV_SIZE = 2**30
+"""The ring buffer's int32 slots hold the window plus its rollback headroom."""
+_MAX_MEMORY_GB = 2**20
+"""1 PiB; the limit is passed to ``mx.set_memory_limit`` in bytes, as a size_t."""
+_MAX_LORA_RANK = 4096
+"""Full rank for most models LoRA is used on; memory grows linearly with it."""
+_MAX_LORA_ALPHA = 1.0e4
+"""``alpha / rank`` scales activations: keep it well inside float16's 65504."""
+_MIN_TEMPERATURE, _MAX_TEMPERATURE = 0.01, 100.0
+"""Logits are multiplied by ``1 / temperature`` in float32, which overflows to inf for
+tiny temperatures (sampling then gives NaN); beyond 100 any distribution is flat."""
+_MAX_DISTILL_WEIGHT = 1000.0
+"""A term 1000 times the cross-entropy already drowns it; the loss stays far from
+float32 overflow."""
+_MAX_GRAD_CLIP = 1.0e6
+"""A clip no gradient reaches; larger values only need to stay finite in float32."""
 
 
 def _num(x: float) -> str:
-    return f"{x:g}"
+    """A bound as written in messages: integers in full, floats shortest."""
+    if isinstance(x, int) or (x.is_integer() and abs(x) < 2**53):
+        return str(int(x))
+    return repr(x)
 
 
 def _show(value: Any, type_ok: bool) -> str:
@@ -50,6 +81,42 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# PyYAML (YAML 1.1) reads a float only with a dot, and an exponent only when signed:
+# 1e-4 and 1.0e300 are strings, 1.0e-4 and 1.0e+300 are floats.
+_EXPONENT = re.compile(r"([-+]?[0-9_]*)(\.[0-9_]*)?[eE]([-+]?)([0-9]+)")
+
+
+def _signed_exponent(text: str) -> str:
+    m = _EXPONENT.fullmatch(text)
+    if not m:
+        return text
+    mantissa, fraction, sign, power = m.groups()
+    return f"{mantissa}{fraction or '.0'}e{sign or '+'}{power}"
+
+
+def _yaml_number(text: str, *, integer: bool) -> str | None:
+    """How to write the number in ``text`` so that YAML reads a number, or None."""
+    s = text.strip()
+    try:
+        number = float(s)
+    except ValueError:
+        return None
+    if not math.isfinite(number) or (integer and not number.is_integer()):
+        return None
+    if integer:
+        candidates = [s, str(int(number))]
+    else:
+        candidates = [_signed_exponent(s), _signed_exponent(repr(number))]
+    for candidate in candidates:
+        try:
+            value = yaml.safe_load(f"v: {candidate}")["v"]
+        except (yaml.YAMLError, ValueError):
+            continue
+        if (_is_int(value) if integer else _is_number(value)) and value == number:
+            return candidate
+    return None
+
+
 class _Rule(abc.ABC):
     """What a key accepts: ``check`` returns the normalized value or raises."""
 
@@ -64,12 +131,18 @@ class _Rule(abc.ABC):
         if ok:
             return normalized
         hint = ""
-        if isinstance(value, str) and isinstance(self, _Number):
-            try:
-                float(value)
-                hint = " (YAML reads exponents without a dot, like 1e-4, as strings: write 1.0e-4)"
-            except ValueError:
-                pass
+        if isinstance(value, str) and isinstance(self, (_Int, _Number)):
+            integer = isinstance(self, _Int)
+            written = _yaml_number(value, integer=integer)
+            if written == value.strip():
+                hint = f" (a string: write {written} without quotes)"
+            elif written is not None and not integer and _EXPONENT.search(value):
+                hint = (
+                    " (YAML reads this as a string: an exponent needs a dot and a "
+                    f"sign, as in {written})"
+                )
+            elif written is not None:
+                hint = f" (YAML reads this as a string: write {written})"
         raise ValueError(
             f"{key} must be {self.text}, got {_show(value, type_ok)}{hint}"
         )
@@ -123,21 +196,28 @@ class _Number(_Rule):
         lo_open: bool = False,
         hi_open: bool = False,
         nullable: bool = False,
+        also: tuple[float, ...] = (),
+        text: str | None = None,
     ):
         self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
-        self.nullable = nullable
+        self.nullable, self.also = nullable, also
         bounds = _range_text(lo, hi, lo_open, hi_open)
         default = f"a finite number {bounds}".rstrip()
-        self.text = f"null or {default}" if nullable else default
+        self.text = text or (f"null or {default}" if nullable else default)
 
     def accepts(self, value: Any) -> tuple[bool, bool, Any]:
         if value is None:
             return self.nullable, self.nullable, None
         if not _is_number(value):
             return False, False, value
-        x = float(value)
+        try:
+            x = float(value)
+        except OverflowError:  # an integer beyond any float
+            return True, False, value
         if not math.isfinite(x):
             return True, False, value
+        if x in self.also:
+            return True, True, x
         if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
             return True, False, value
         if self.hi is not None and (x >= self.hi if self.hi_open else x > self.hi):
@@ -349,13 +429,25 @@ class GenerationConfig(_Section):
         "fast: fused decoding; detailed: also records disagreements.",
     )
     max_tokens: int = _opt(
-        128, _Int(1), "Maximum number of tokens generated per prompt."
+        128, _Int(1, _INT32_MAX), "Maximum number of tokens generated per prompt."
     )
-    temperature: float = _opt(0.0, _Number(0.0), "Sampling temperature; 0 is greedy.")
+    temperature: float = _opt(
+        0.0,
+        _Number(
+            _MIN_TEMPERATURE,
+            _MAX_TEMPERATURE,
+            also=(0.0,),
+            text=f"0 (greedy) or a finite number in [{_num(_MIN_TEMPERATURE)}, "
+            f"{_num(_MAX_TEMPERATURE)}]",
+        ),
+        "Sampling temperature; 0 is greedy.",
+    )
     top_p: float = _opt(
         1.0, _Number(0.0, 1.0, lo_open=True), "Nucleus sampling mass; 1 disables it."
     )
-    top_k: int = _opt(0, _Int(0), "Keep only the k most likely tokens; 0 disables it.")
+    top_k: int = _opt(
+        0, _Int(0, _INT32_MAX), "Keep only the k most likely tokens; 0 disables it."
+    )
     min_p: float = _opt(
         0.0,
         _Number(0.0, 1.0, hi_open=True),
@@ -382,17 +474,17 @@ class GenerationConfig(_Section):
     )
     max_kv_size: int | None = _opt(
         None,
-        _Int(16, nullable=True),
+        _Int(16, _MAX_KV_SIZE, nullable=True),
         "Sliding-window KV cache size in tokens; null keeps all.",
     )
     seed: int | None = _opt(
         None,
-        _Int(0, nullable=True),
+        _Int(0, _UINT64_MAX, nullable=True),
         "Random seed for sampling; null leaves MLX's state alone.",
     )
     memory_limit_gb: float | None = _opt(
         None,
-        _Number(0.0, lo_open=True, nullable=True),
+        _Number(0.0, _MAX_MEMORY_GB, lo_open=True, nullable=True),
         "MLX memory limit in GiB; null keeps MLX's default.",
     )
 
@@ -430,13 +522,15 @@ class CollectionConfig(_Section):
         "A detailed-mode generation below this acceptance rate is a failure.",
     )
     replay_buffer_max_size: int = _opt(
-        100, _Int(0), "Examples kept for replay after training; 0 keeps none."
+        100,
+        _Int(0, _INT64_MAX),
+        "Examples kept for replay after training; 0 keeps none.",
     )
     top_k_logprobs: int = _opt(
         20, _Int(1, 256), "Target log-probabilities recorded per disagreement."
     )
     tracker_window: int = _opt(
-        20, _Int(1), "Generations averaged for the recent acceptance rate."
+        20, _Int(1, _INT32_MAX), "Generations averaged for the recent acceptance rate."
     )
 
 
@@ -447,10 +541,10 @@ class TrainingConfig(_Section):
     section: ClassVar[str] = "training"
     path_fields: ClassVar[tuple[str, ...]] = ("checkpoint_dir",)
 
-    rank: int = _opt(8, _Int(1), "LoRA rank.")
+    rank: int = _opt(8, _Int(1, _MAX_LORA_RANK), "LoRA rank.")
     alpha: float = _opt(
         16.0,
-        _Number(0.0, lo_open=True),
+        _Number(0.0, _MAX_LORA_ALPHA, lo_open=True),
         "LoRA alpha; the update is scaled by alpha / rank.",
     )
     dropout: float = _opt(
@@ -465,23 +559,36 @@ class TrainingConfig(_Section):
     )
     num_layers: int = _opt(
         -1,
-        _Int(1, also=(-1,), text="-1 (all layers) or an integer >= 1"),
+        _Int(
+            1,
+            _INT32_MAX,
+            also=(-1,),
+            text=f"-1 (all layers) or an integer in [1, {_INT32_MAX}]",
+        ),
         "LoRA on the last num_layers blocks; -1 means all.",
     )
-    learning_rate: float = _opt(1e-4, _Number(0.0, lo_open=True), "Adam learning rate.")
-    num_epochs: int = _opt(
-        3, _Int(1), "Passes over the training examples per train() call."
+    learning_rate: float = _opt(
+        1e-4, _Number(0.0, 1.0, lo_open=True), "AdamW learning rate."
     )
-    batch_size: int = _opt(4, _Int(1), "Sequences per optimizer step.")
-    min_examples: int = _opt(8, _Int(1), "Failures required before training runs.")
+    num_epochs: int = _opt(
+        3, _Int(1, _INT32_MAX), "Passes over the training examples per train() call."
+    )
+    batch_size: int = _opt(4, _Int(1, _INT32_MAX), "Sequences per optimizer step.")
+    min_examples: int = _opt(
+        8, _Int(1, _INT32_MAX), "Failures required before training runs."
+    )
     max_seq_length: int = _opt(
-        512, _Int(8), "Sequences are truncated to this many tokens."
+        512, _Int(8, _INT32_MAX), "Sequences are truncated to this many tokens."
     )
     distill_weight: float = _opt(
-        0.5, _Number(0.0), "Weight of the distillation term at disagreement positions."
+        0.5,
+        _Number(0.0, _MAX_DISTILL_WEIGHT),
+        "Weight of the distillation term at disagreement positions.",
     )
     distill_temperature: float = _opt(
-        1.0, _Number(0.0, lo_open=True), "Temperature of the distillation term."
+        1.0,
+        _Number(_MIN_TEMPERATURE, _MAX_TEMPERATURE),
+        "Temperature of the distillation term.",
     )
     replay_ratio: float = _opt(
         0.25,
@@ -498,10 +605,12 @@ class TrainingConfig(_Section):
         _Str(),
         "Directory holding the best/, final/ and latest/ checkpoints.",
     )
-    seed: int = _opt(0, _Int(0), "Seed for shuffling, dropout and LoRA initialization.")
+    seed: int = _opt(
+        0, _Int(0, _UINT64_MAX), "Seed for shuffling, dropout and LoRA initialization."
+    )
     grad_clip: float | None = _opt(
         1.0,
-        _Number(0.0, lo_open=True, nullable=True),
+        _Number(0.0, _MAX_GRAD_CLIP, lo_open=True, nullable=True),
         "Clip the gradient norm to this value; null disables clipping.",
     )
 
