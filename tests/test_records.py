@@ -222,3 +222,71 @@ def examples(draw: st.DrawFn) -> TrainingExample:
 def test_any_valid_example_round_trips_exactly(ex: TrainingExample) -> None:
     text = json.dumps(ex.to_dict(), allow_nan=False)
     assert TrainingExample.from_dict(json.loads(text)) == ex
+
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(-(10**400), 10**400)
+    | st.floats()
+    | _text,
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+_FIELDS = [
+    "id",
+    "prompt",
+    "target_output",
+    "acceptance_rate",
+    "prompt_tokens",
+    "disagreements",
+    "timestamp",
+    "output_tokens",
+]
+_DISAGREEMENT_FIELDS = list(disagreement_dict())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(_FIELDS + _DISAGREEMENT_FIELDS), _json)
+def test_any_json_value_in_any_field_is_valid_or_a_value_error(
+    name: str, value: Any
+) -> None:
+    # What a stored payload can hold: anything JSON. Loading must sort it into a
+    # record or a ValueError, never another exception.
+    if name in _DISAGREEMENT_FIELDS:
+        data = example_dict(disagreements=[disagreement_dict(**{name: value})])
+    else:
+        data = example_dict(**{name: value})
+    try:
+        TrainingExample.from_dict(data)
+    except ValueError as exc:
+        assert len(str(exc)) < 1000
+
+
+@pytest.mark.parametrize(
+    "overrides, field_name",
+    [
+        ({"prompt_tokens": ["x" * 10**6]}, "TrainingExample.prompt_tokens[0]"),
+        ({"prompt": list(range(10**5))}, "TrainingExample.prompt"),
+        ({"acceptance_rate": 10**400}, "TrainingExample.acceptance_rate"),
+        ({"prompt_tokens": [[[[[[[[[[1]]]]]]]]]]}, "TrainingExample.prompt_tokens[0]"),
+        ({f"k{i}": 1 for i in range(10**4)}, "unknown field"),
+    ],
+    ids=["long string", "long list", "int past float", "nested", "many keys"],
+)
+def test_huge_or_deep_values_give_short_messages(
+    overrides: dict[str, Any], field_name: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        TrainingExample.from_dict(example_dict(**overrides))
+    assert field_name in str(info.value) and len(str(info.value)) < 1000
+
+
+def test_nesting_deeper_than_the_interpreter_allows_is_a_value_error() -> None:
+    deep: list[Any] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(ValueError, match=r"TrainingExample\.prompt_tokens\[0\]"):
+        TrainingExample.from_dict(example_dict(prompt_tokens=deep))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from speclora.config import ADAPTER_ALIASES, Config
-from speclora.data_collector import DataCollector, TrainingExample
+from speclora.data_collector import DataCollector, TrainingExample, pair_fingerprint
 from speclora.models import ModelManager
 from speclora.results import GenerationResult
 from speclora.speculative import SpeculativeDecoder
@@ -100,10 +100,12 @@ class SpeculativeDecodingSystem:
                 **options,
             )
             c = self.config.collection
+            # Examples are kept per tokenizer: another pair's token ids are meaningless here.
             self.collector = DataCollector(
                 c.data_dir,
                 replay_buffer_max_size=c.replay_buffer_max_size,
                 acceptance_threshold=c.acceptance_threshold,
+                pair=pair_fingerprint(manager.tokenizer.get_vocab()),
             )
             self.manager = manager
             if self.config.models.draft_adapter is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from datetime import datetime
@@ -23,32 +24,42 @@ RECORD_VERSION = 1
 # probability a few ulps above 1 or a log-probability a few ulps above 0.
 _PROB_TOL = 1e-4
 
+# Messages name the offending value; a stored record may hold a megabyte string or a
+# list nested past the interpreter's recursion limit, so values are shown abridged.
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = 60
+_REPR.maxother = 60
+_show = _REPR.repr
+
 
 def _as_int(value: Any, name: str, *, minimum: int | None = None) -> int:
     # bool is an int subclass; a True where a token id belongs is always a bug.
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be an int, got bool {value!r}")
+        raise ValueError(f"{name} must be an int, got bool {_show(value)}")
     try:
         # operator.index accepts numpy and MLX integer scalars but not floats.
         result = operator.index(value)
     except TypeError:
         raise ValueError(
-            f"{name} must be an int, got {type(value).__name__} {value!r}"
+            f"{name} must be an int, got {type(value).__name__} {_show(value)}"
         ) from None
     if minimum is not None and result < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {result}")
+        raise ValueError(f"{name} must be >= {minimum}, got {_show(result)}")
     return result
 
 
 def _as_float(value: Any, name: str) -> float:
     if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
         raise ValueError(
-            f"{name} must be a float, got {type(value).__name__} {value!r}"
+            f"{name} must be a float, got {type(value).__name__} {_show(value)}"
         )
     try:
         result = float(value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a float, got {value!r} ({exc})") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(
+            f"{name} must be a float, got {_show(value)} ({exc})"
+        ) from None
     if not math.isfinite(result):
         raise ValueError(f"{name} must be finite, got {result}")
     return result
@@ -63,7 +74,9 @@ def _as_probability(value: Any, name: str, *, tol: float = 0.0) -> float:
 
 def _as_str(value: Any, name: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{name} must be a str, got {type(value).__name__} {value!r}")
+        raise ValueError(
+            f"{name} must be a str, got {type(value).__name__} {_show(value)}"
+        )
     return value
 
 
@@ -72,7 +85,9 @@ def _as_list(value: Any, name: str) -> list[Any]:
     if not isinstance(value, (str, bytes, Mapping)) and hasattr(value, "tolist"):
         value = value.tolist()
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValueError(f"{name} must be a list, got {type(value).__name__} {value!r}")
+        raise ValueError(
+            f"{name} must be a list, got {type(value).__name__} {_show(value)}"
+        )
     return list(value)
 
 
@@ -91,7 +106,9 @@ def _check_keys(cls: type, data: Any) -> None:
     names = {f.name for f in fields(cls)}
     unknown = sorted(str(k) for k in data if k not in names)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}")
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        shown = ", ".join(_show(k) for k in unknown[:5])
+        raise ValueError(f"{cls.__name__}: unknown field(s) [{shown}]{more}")
     required = [
         f.name
         for f in fields(cls)
@@ -290,7 +307,7 @@ class TrainingExample:
         except ValueError:
             raise ValueError(
                 f"{p}.timestamp must be an ISO 8601 time such as "
-                f"'2024-01-01T00:00:00', got {self.timestamp!r}"
+                f"'2024-01-01T00:00:00', got {_show(self.timestamp)}"
             ) from None
 
     def to_dict(self) -> dict[str, Any]:

@@ -317,7 +317,12 @@ class LoRATrainer:
         return [int(t) for t in ids]
 
     def _prepare(self, example: TrainingExample) -> _Sequence | None:
-        """Tokenize one example; ``None`` when it has no output token to learn."""
+        """Tokenize one example; ``None`` when it has no output token to learn.
+
+        Raises:
+            ValueError: If a token id falls outside the draft's vocabulary (the
+              example was collected with another tokenizer, or is damaged).
+        """
         vocab = self.vocab_size
         prompt = list(example.prompt_tokens)
         output = list(example.output_tokens) or self._encode(example.target_output)
@@ -338,13 +343,15 @@ class LoRATrainer:
             index = prompt_len + d.position - 1
             if not 0 <= index < num_inputs or not d.top_k_tokens:
                 continue  # truncated away, or nothing to distil
-            ids = np.asarray(d.top_k_tokens, dtype=np.int32)
-            if int(ids.max()) >= vocab:
+            # Checked before the int32 conversion, which would overflow.
+            bad = [t for t in d.top_k_tokens if not 0 <= t < vocab]
+            if bad:
                 raise ValueError(
                     f"Training example {example.id!r}: disagreement at position "
-                    f"{d.position} has top-k token {int(ids.max())} outside the draft's "
+                    f"{d.position} has top-k token {bad[0]} outside the draft's "
                     f"vocabulary of {vocab}"
                 )
+            ids = np.asarray(d.top_k_tokens, dtype=np.int32)
             logp = np.asarray(d.top_k_logprobs, dtype=np.float64)
             logp = logp - (logp.max() + np.log(np.exp(logp - logp.max()).sum()))
             by_index[index] = (ids, logp.astype(np.float32))
@@ -363,10 +370,16 @@ class LoRATrainer:
         seqs: list[_Sequence] = []
         ids: list[str] = []
         skipped = 0
+        unusable: list[str] = []
         for ex in examples:
             if not isinstance(ex, TrainingExample):
                 ex = TrainingExample.from_dict(ex)
-            seq = self._prepare(ex)
+            try:
+                seq = self._prepare(ex)
+            except ValueError as e:
+                # One example this draft cannot learn from must not stop the rest.
+                unusable.append(str(e))
+                continue
             if seq is None:
                 skipped += 1
                 continue
@@ -378,6 +391,15 @@ class LoRATrainer:
                 skipped,
                 what,
                 self.config.max_seq_length,
+            )
+        if unusable:
+            more = f" (and {len(unusable) - 10} more)" if len(unusable) > 10 else ""
+            logger.warning(
+                "Skipped %d %s that cannot be used with this draft: %s%s",
+                len(unusable),
+                what,
+                "; ".join(unusable[:10]),
+                more,
             )
         return seqs, ids
 
