@@ -7,6 +7,7 @@ import logging
 import multiprocessing
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -96,6 +97,30 @@ def test_store_uses_wal_and_full_sync(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         data_collector._configure(conn)
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_opening_a_current_store_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A store on a full or read-only disk must still open: only reads are allowed.
+    DataCollector(tmp_path).add_failure(make_example("kept"))
+    statements: list[str] = []
+    configure = data_collector._configure
+
+    def traced(conn: sqlite3.Connection) -> None:
+        configure(conn)
+        conn.set_trace_callback(statements.append)
+
+    monkeypatch.setattr(data_collector, "_configure", traced)
+    collector = DataCollector(tmp_path)
+    assert collector.failure_count == 1 and ids(collector.load_failures()) == ["kept"]
+    writes = [
+        s
+        for s in statements
+        if re.match(r"\s*(BEGIN|CREATE|ALTER|INSERT|DELETE|UPDATE|REPLACE)", s, re.I)
+        or re.match(r"\s*PRAGMA\s+(journal_mode|user_version)\s*=", s, re.I)
+    ]
+    assert statements and writes == []
 
 
 def test_store_persists_across_instances(tmp_path: Path) -> None:

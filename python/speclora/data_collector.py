@@ -700,10 +700,15 @@ class DataCollector:
                     # recovery by another process) at once instead of calling the busy
                     # handler; body left nothing behind, so it is safe to run again.
                     # Sleeping here, not in SQLite, lets Ctrl-C end the wait.
-                    if _is_busy(exc) and time.monotonic() < deadline:
-                        attempt += 1
-                        time.sleep(min(0.005 * attempt, 0.1))
-                        continue
+                    if _is_busy(exc):
+                        if time.monotonic() < deadline:
+                            attempt += 1
+                            time.sleep(min(0.005 * attempt, 0.1))
+                            continue
+                        # Another process is writing: a lock-free read could see
+                        # its half-done checkpoint, so no fallback.
+                        self._drop_connection()
+                        raise self._error(action, exc, write=write) from exc
                     failure: BaseException = exc
                 except (sqlite3.Error, OSError) as exc:
                     failure = exc
