@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import speclora  # noqa: F401  (must precede mlx.core: it preloads OpenBLAS)
+import speclora  # must precede mlx.core: it preloads OpenBLAS
 
 # isort: split
 import mlx.core as mx
@@ -45,16 +45,16 @@ PAIR_B = pair_fingerprint({"a": 0, "b": 1, "c": 2})
 
 
 def make_example(example_id: str, **overrides: Any) -> TrainingExample:
-    fields: dict[str, Any] = dict(
-        id=example_id,
-        prompt="p",
-        target_output="t",
-        acceptance_rate=0.2,
-        prompt_tokens=[1, 2, 3],
-        disagreements=[],
-        timestamp="2024-01-01T00:00:00",
-        output_tokens=[4, 5, 6],
-    )
+    fields: dict[str, Any] = {
+        "id": example_id,
+        "prompt": "p",
+        "target_output": "t",
+        "acceptance_rate": 0.2,
+        "prompt_tokens": [1, 2, 3],
+        "disagreements": [],
+        "timestamp": "2024-01-01T00:00:00",
+        "output_tokens": [4, 5, 6],
+    }
     fields.update(overrides)
     return TrainingExample(**fields)
 
@@ -131,7 +131,9 @@ def test_deeply_nested_json_row_is_quarantined_naming_the_row(tmp_path: Path) ->
 
 def test_huge_values_give_a_bounded_report(tmp_path: Path) -> None:
     collector = DataCollector(tmp_path)
-    huge = json.dumps({**make_example("huge").to_dict(), "prompt_tokens": ["x" * 10**6]})
+    huge = json.dumps(
+        {**make_example("huge").to_dict(), "prompt_tokens": ["x" * 10**6]}
+    )
     insert_raw(collector.db_path, "huge", huge)
     assert collector.load_failures() == []
     [line] = collector.corrupt_records
@@ -398,6 +400,7 @@ def reader(
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
 
 
@@ -421,9 +424,7 @@ def digest(data_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(data_dir.iterdir()) if p.is_file()}
 
 
-@pytest.mark.skipif(
-    not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE (POSIX)"
-)
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE (POSIX)")
 def test_full_disk_store_serves_reads_and_refuses_writes(tmp_path: Path) -> None:
     collector = make_store(tmp_path)
     before = digest(tmp_path)
@@ -437,9 +438,7 @@ def test_full_disk_store_serves_reads_and_refuses_writes(tmp_path: Path) -> None
     assert ids(collector.load_failures()) == ["e1", "e2", "after"]
 
 
-@pytest.mark.skipif(
-    not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE (POSIX)"
-)
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE (POSIX)")
 def test_full_disk_store_of_the_old_layout_is_read_without_upgrading(
     tmp_path: Path,
 ) -> None:
@@ -490,15 +489,19 @@ def read_only_view(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
         yield source, source
         return
     # Root ignores permissions: a read-only bind mount binds it too.
-    bind = subprocess.run(
-        f"mount --bind {source} {view} && mount -o remount,bind,ro {view}",
-        shell=True,
-        capture_output=True,
+    bound = subprocess.run(
+        ["mount", "--bind", str(source), str(view)], capture_output=True, check=False
     )
-    if bind.returncode != 0:
-        subprocess.run(["umount", str(view)], capture_output=True)
+    if bound.returncode != 0:
         pytest.skip("running as root without permission to mount")
     try:
+        made_read_only = subprocess.run(
+            ["mount", "-o", "remount,bind,ro", str(view)],
+            capture_output=True,
+            check=False,
+        )
+        if made_read_only.returncode != 0:
+            pytest.skip("running as root without permission to remount read-only")
         yield source, view
     finally:
         subprocess.run(["umount", str(view)], check=True)
@@ -638,7 +641,7 @@ def test_ctrl_c_while_waiting_for_a_lock_ends_the_wait(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stderr is not None
         for line in proc.stdout:
             if line.strip() == "BEGIN IMMEDIATE":
                 break

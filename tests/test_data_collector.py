@@ -117,8 +117,10 @@ def test_opening_a_current_store_writes_nothing(
     writes = [
         s
         for s in statements
-        if re.match(r"\s*(BEGIN|CREATE|ALTER|INSERT|DELETE|UPDATE|REPLACE)", s, re.I)
-        or re.match(r"\s*PRAGMA\s+(journal_mode|user_version)\s*=", s, re.I)
+        if re.match(
+            r"\s*(BEGIN|CREATE|ALTER|INSERT|DELETE|UPDATE|REPLACE)", s, re.IGNORECASE
+        )
+        or re.match(r"\s*PRAGMA\s+(journal_mode|user_version)\s*=", s, re.IGNORECASE)
     ]
     assert statements and writes == []
 

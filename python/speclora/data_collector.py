@@ -236,9 +236,7 @@ def _inspect(conn: sqlite3.Connection) -> _Layout:
 
 
 def _has_pair_column(conn: sqlite3.Connection) -> bool:
-    return any(
-        row[1] == "pair" for row in conn.execute("PRAGMA table_info(failures)")
-    )
+    return any(row[1] == "pair" for row in conn.execute("PRAGMA table_info(failures)"))
 
 
 def _configure(conn: sqlite3.Connection) -> None:
@@ -660,9 +658,7 @@ class DataCollector:
             self._upgrade(action)
         return self._transaction(action, body)
 
-    def _transaction(
-        self, action: str, body: Callable[[sqlite3.Connection], _T]
-    ) -> _T:
+    def _transaction(self, action: str, body: Callable[[sqlite3.Connection], _T]) -> _T:
         def transaction(conn: sqlite3.Connection) -> _T:
             # IMMEDIATE takes the write lock up front, so a concurrent writer waits
             # (busy timeout) instead of failing when it upgrades a read lock.
@@ -878,8 +874,7 @@ class DataCollector:
             if limit is not None and len(examples) >= limit:
                 break
             where = (
-                f"{self.db_path} table {table} row {seq} "
-                f"(id {_REPR.repr(example_id)})"
+                f"{self.db_path} table {table} row {seq} (id {_REPR.repr(example_id)})"
             )
             if isinstance(version, int) and version > RECORD_VERSION:
                 line = (
@@ -919,9 +914,7 @@ class DataCollector:
         except ValueError as exc:
             return f"invalid record: {exc}"
         if example.id != example_id:
-            return (
-                f"payload id {_REPR.repr(example.id)} does not match the row's id"
-            )
+            return f"payload id {_REPR.repr(example.id)} does not match the row's id"
         return example
 
     def _finish_load(
