@@ -36,7 +36,11 @@ from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from stats_helpers import chi_square_pvalue
 
-from speclora import ManualSpeculativeDecoder, SpeculativeDecoder, speculative_generate_step
+from speclora import (
+    ManualSpeculativeDecoder,
+    SpeculativeDecoder,
+    speculative_generate_step,
+)
 
 ALPHA = 1e-3
 SMALL_VOCAB = 6
@@ -62,7 +66,9 @@ def make_pair() -> tuple[Any, Any]:
     weight. Untied embeddings: tied ones make tiny random models echo their input."""
     models = []
     for seed in (3, 4):
-        model = make_tiny_llama(16, 1, vocab_size=SMALL_VOCAB, seed=seed, tie_word_embeddings=False)
+        model = make_tiny_llama(
+            16, 1, vocab_size=SMALL_VOCAB, seed=seed, tie_word_embeddings=False
+        )
         model.lm_head.weight = model.lm_head.weight * 2.0
         mx.eval(model.parameters())
         models.append(model)
@@ -78,7 +84,10 @@ def pair() -> tuple[Any, Any]:
 
 
 def mlx_lm_next_token(
-    model: Any, context: Sequence[int], sampler: Callable[[mx.array], mx.array], processors: Sequence[Processor] = ()
+    model: Any,
+    context: Sequence[int],
+    sampler: Callable[[mx.array], mx.array],
+    processors: Sequence[Processor] = (),
 ) -> list[float]:
     """The distribution mlx-lm's ``generate_step`` samples the token after ``context`` from.
 
@@ -115,10 +124,16 @@ def mlx_lm_sequences(
     length: int = 2,
 ) -> Distribution:
     """Exact probability of every ``length``-token continuation under mlx-lm."""
-    return sequences(lambda context: mlx_lm_next_token(model, context, sampler, processors), prompt, length)
+    return sequences(
+        lambda context: mlx_lm_next_token(model, context, sampler, processors),
+        prompt,
+        length,
+    )
 
 
-def sequences(next_token: Callable[[list[int]], list[float]], prompt: Sequence[int], length: int) -> Distribution:
+def sequences(
+    next_token: Callable[[list[int]], list[float]], prompt: Sequence[int], length: int
+) -> Distribution:
     """Chain a next-token distribution into one over ``length``-token continuations."""
     probs: Distribution = {(): 1.0}
     for _ in range(length):
@@ -139,7 +154,9 @@ class Case:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
-    processors: dict[str, Any] = field(default_factory=dict)  # make_logits_processors kwargs
+    processors: dict[str, Any] = field(
+        default_factory=dict
+    )  # make_logits_processors kwargs
 
     def sampler(self) -> Callable[[mx.array], mx.array]:
         return make_sampler(
@@ -172,7 +189,12 @@ DROP_IN_CASES = {
     "top_p": Case(0.7, top_p=0.8),
     "top_k+min_p": Case(1.3, top_k=4, min_p=0.4),
     "penalties+bias": Case(
-        1.0, processors={"repetition_penalty": 2.0, "presence_penalty": 1.5, "logit_bias": {0: 2.0}}
+        1.0,
+        processors={
+            "repetition_penalty": 2.0,
+            "presence_penalty": 1.5,
+            "logit_bias": {0: 2.0},
+        },
     ),
 }
 DECODER_SAMPLES = 1_200
@@ -186,7 +208,9 @@ def expected(pair: tuple[Any, Any], case: Case) -> Distribution:
     return mlx_lm_sequences(pair[0], PROMPT, case.sampler(), case.logits_processors())
 
 
-def check_sample(counts: Counter[tuple[int, ...]], rejected: int, n: int, reference: Distribution) -> None:
+def check_sample(
+    counts: Counter[tuple[int, ...]], rejected: int, n: int, reference: Distribution
+) -> None:
     # Both branches of the acceptance rule must carry weight for the test to mean much.
     assert 0.05 < rejected / n < 0.95, f"first draft rejected {rejected} of {n} times"
     p = chi_square_pvalue(counts, reference)
@@ -201,8 +225,14 @@ def test_decoders_follow_mlx_lm_filters(pair, name):
     """Two-token continuations of the fast or detailed decoder, K = 1."""
     case = DECODER_CASES[name]
     # Alternate the two decoders over the cases; they share the decode loop.
-    cls = ManualSpeculativeDecoder if list(DECODER_CASES).index(name) % 2 == 0 else SpeculativeDecoder
-    decoder = cls(pair[0], pair[1], NoTokenizer(), 1, case.temperature, **case.decoder_options())
+    cls = (
+        ManualSpeculativeDecoder
+        if list(DECODER_CASES).index(name) % 2 == 0
+        else SpeculativeDecoder
+    )
+    decoder = cls(
+        pair[0], pair[1], NoTokenizer(), 1, case.temperature, **case.decoder_options()
+    )
     mx.random.seed(1000 + list(DECODER_CASES).index(name))
     counts: Counter[tuple[int, ...]] = Counter()
     rejected = 0
@@ -260,7 +290,10 @@ def test_drop_in_follows_mlx_lm_xtc_sampler(pair):
     never = make_sampler(temp=1.0)
 
     def mixture(context: list[int]) -> list[float]:
-        on, off = mlx_lm_next_token(target, context, always), mlx_lm_next_token(target, context, never)
+        on, off = (
+            mlx_lm_next_token(target, context, always),
+            mlx_lm_next_token(target, context, never),
+        )
         return [0.5 * a + 0.5 * b for a, b in zip(on, off)]
 
     reference = sequences(mixture, prompt, 2)
@@ -271,7 +304,12 @@ def test_drop_in_follows_mlx_lm_xtc_sampler(pair):
     for _ in range(XTC_SAMPLES):
         steps = list(
             speculative_generate_step(
-                mx.array(prompt, mx.uint32), target, draft, num_draft_tokens=1, max_tokens=2, sampler=sampler
+                mx.array(prompt, mx.uint32),
+                target,
+                draft,
+                num_draft_tokens=1,
+                max_tokens=2,
+                sampler=sampler,
             )
         )
         counts[tuple(t for t, _, _ in steps)] += 1
@@ -288,10 +326,20 @@ def wrong_answers(pair: tuple[Any, Any], case: Case) -> dict[str, Distribution]:
     t = case.temperature
     wrong: dict[str, Distribution] = {}
     processors = case.logits_processors()
-    filters = {k: v for k, v in case.decoder_options().items() if v != Case(t).decoder_options()[k]}
+    filters = {
+        k: v
+        for k, v in case.decoder_options().items()
+        if v != Case(t).decoder_options()[k]
+    }
     for name in filters:
-        ignored = Case(t, **{k: v for k, v in filters.items() if k != name}, processors=case.processors)
-        wrong[f"{name} ignored"] = mlx_lm_sequences(target, PROMPT, ignored.sampler(), processors)
+        ignored = Case(
+            t,
+            **{k: v for k, v in filters.items() if k != name},
+            processors=case.processors,
+        )
+        wrong[f"{name} ignored"] = mlx_lm_sequences(
+            target, PROMPT, ignored.sampler(), processors
+        )
     if t != 1.0 and ("top_p" in filters or "min_p" in filters):
         # Filters applied to softmax(logits / T) instead of at T = 1 (top_k alone
         # ranks the same at any temperature).
@@ -315,12 +363,20 @@ def wrong_answers(pair: tuple[Any, Any], case: Case) -> dict[str, Distribution]:
             return logprobs
 
         wrong["top_p last"] = mlx_lm_sequences(
-            target, PROMPT, Case(t, top_p=case.top_p).sampler(), [*processors, others_first]
+            target,
+            PROMPT,
+            Case(t, top_p=case.top_p).sampler(),
+            [*processors, others_first],
         )
     if processors:
         # Processors that see the history but not the draft tokens before a position.
-        blind = [lambda tokens, logits, p=p: p(tokens[: len(PROMPT)], logits) for p in processors]
-        wrong["processors blind to the tokens so far"] = mlx_lm_sequences(target, PROMPT, case.sampler(), blind)
+        blind = [
+            lambda tokens, logits, p=p: p(tokens[: len(PROMPT)], logits)
+            for p in processors
+        ]
+        wrong["processors blind to the tokens so far"] = mlx_lm_sequences(
+            target, PROMPT, case.sampler(), blind
+        )
         wrong["processors ignored"] = mlx_lm_sequences(target, PROMPT, case.sampler())
     return wrong
 
@@ -329,7 +385,8 @@ def wrong_answers(pair: tuple[Any, Any], case: Case) -> dict[str, Distribution]:
     "name,case,n",
     [(f"decoder {k}", c, DECODER_SAMPLES) for k, c in DECODER_CASES.items()]
     + [(f"drop-in {k}", c, DROP_IN_SAMPLES) for k, c in DROP_IN_CASES.items()],
-    ids=[f"decoder {k}" for k in DECODER_CASES] + [f"drop-in {k}" for k in DROP_IN_CASES],
+    ids=[f"decoder {k}" for k in DECODER_CASES]
+    + [f"drop-in {k}" for k in DROP_IN_CASES],
 )
 def test_sample_sizes_reject_the_wrong_distributions(pair, name, case, n):
     """A seeded sample of each test's size, drawn from a wrong distribution, fails the
@@ -340,10 +397,16 @@ def test_sample_sizes_reject_the_wrong_distributions(pair, name, case, n):
     rng = np.random.default_rng(7)
     for label, dist in wrong.items():
         cells = list(dist)
-        draws = rng.choice(len(cells), size=n, p=np.array([dist[c] for c in cells]) / sum(dist.values()))
+        draws = rng.choice(
+            len(cells),
+            size=n,
+            p=np.array([dist[c] for c in cells]) / sum(dist.values()),
+        )
         counts = Counter(cells[i] for i in draws)
         p = chi_square_pvalue(counts, reference)
-        assert p < 1e-6, f"{name}: a sample from '{label}' is not rejected (p = {p:.2e})"
+        assert p < 1e-6, (
+            f"{name}: a sample from '{label}' is not rejected (p = {p:.2e})"
+        )
 
 
 # -- greedy: logits processors decide the tokens exactly ----------------------------------------
@@ -368,13 +431,25 @@ def test_drop_in_greedy_with_processors_matches_mlx_lm():
     changed = accepted = rejected = 0
     for k in (1, 3):
         for _ in range(3):
-            prompt = mx.array([rng.randrange(VOCAB) for _ in range(rng.randint(2, 10))], mx.uint32)
+            prompt = mx.array(
+                [rng.randrange(VOCAB) for _ in range(rng.randint(2, 10))], mx.uint32
+            )
             processors = make_logits_processors(**options)
-            theirs = [int(t) for t, _ in generate_step(prompt, target, max_tokens=16, logits_processors=processors)]
+            theirs = [
+                int(t)
+                for t, _ in generate_step(
+                    prompt, target, max_tokens=16, logits_processors=processors
+                )
+            ]
             processors = make_logits_processors(**options)
             ours = list(
                 speculative_generate_step(
-                    prompt, target, draft, num_draft_tokens=k, max_tokens=16, logits_processors=processors
+                    prompt,
+                    target,
+                    draft,
+                    num_draft_tokens=k,
+                    max_tokens=16,
+                    logits_processors=processors,
                 )
             )
             assert [t for t, _, _ in ours] == theirs

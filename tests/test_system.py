@@ -20,7 +20,14 @@ from speclora.speculative_manual import ManualSpeculativeDecoder
 
 # Each of these has at least one rejection on the tiny pair (acceptance < 1), so a
 # detailed generation of any of them is collected as a failure.
-PROMPTS = ["What is Python?", "What is JavaScript?", "What is Rust?", "Explain MLX.", "def f(x):", "Hello"]
+PROMPTS = [
+    "What is Python?",
+    "What is JavaScript?",
+    "What is Rust?",
+    "Explain MLX.",
+    "def f(x):",
+    "Hello",
+]
 # The base draft accepts 8 of 11 drafts on the first, under 0.6 on the other two.
 MIXED_PROMPTS = ["What is Python?", "def f(x):", "Hello"]
 
@@ -28,10 +35,21 @@ MIXED_PROMPTS = ["What is Python?", "def f(x):", "Hello"]
 @pytest.fixture
 def config(tiny_model_dir, tmp_path) -> dict:
     return {
-        "models": {"target": str(tiny_model_dir.target), "draft": str(tiny_model_dir.draft)},
-        "generation": {"max_tokens": 12, "temperature": 0.0, "num_draft_tokens": 3, "adaptive_draft": False},
+        "models": {
+            "target": str(tiny_model_dir.target),
+            "draft": str(tiny_model_dir.draft),
+        },
+        "generation": {
+            "max_tokens": 12,
+            "temperature": 0.0,
+            "num_draft_tokens": 3,
+            "adaptive_draft": False,
+        },
         # Random tiny models disagree a lot; collect every detailed generation.
-        "collection": {"data_dir": str(tmp_path / "failures"), "acceptance_threshold": 1.0},
+        "collection": {
+            "data_dir": str(tmp_path / "failures"),
+            "acceptance_threshold": 1.0,
+        },
         "training": {
             "checkpoint_dir": str(tmp_path / "checkpoints"),
             "min_examples": 3,
@@ -52,11 +70,18 @@ def system(config) -> SpeculativeDecodingSystem:
     return s
 
 
-def target_tokens(system: SpeculativeDecodingSystem, prompt: str, max_tokens: int) -> list[int]:
+def target_tokens(
+    system: SpeculativeDecodingSystem, prompt: str, max_tokens: int
+) -> list[int]:
     """mlx-lm's greedy tokens of the target alone, cut before the first EOS."""
     tokens = system.decoder.encode_prompt(prompt)
     target = system.decoder.target_model
-    out = [int(t) for t, _ in generate_step(mx.array(tokens, mx.uint32), target, max_tokens=max_tokens)]
+    out = [
+        int(t)
+        for t, _ in generate_step(
+            mx.array(tokens, mx.uint32), target, max_tokens=max_tokens
+        )
+    ]
     eos = system.decoder.tokenizer.eos_token_ids
     for i, t in enumerate(out):
         if t in eos:
@@ -64,7 +89,9 @@ def target_tokens(system: SpeculativeDecodingSystem, prompt: str, max_tokens: in
     return out
 
 
-def target_alone(system: SpeculativeDecodingSystem, prompt: str, max_tokens: int) -> str:
+def target_alone(
+    system: SpeculativeDecodingSystem, prompt: str, max_tokens: int
+) -> str:
     return system.decoder.tokenizer.decode(target_tokens(system, prompt, max_tokens))
 
 
@@ -75,7 +102,9 @@ class GreedyRound:
     accepted: int  # how many of them equal the target's tokens
 
 
-def greedy_rounds(draft, context: list[int], output: list[int], k: int) -> list[GreedyRound]:
+def greedy_rounds(
+    draft, context: list[int], output: list[int], k: int
+) -> list[GreedyRound]:
     """Greedy speculative rounds from first principles, with mlx-lm's generator.
 
     Each round the draft continues what has been said so far by ``min(k, left - 1)``
@@ -86,7 +115,9 @@ def greedy_rounds(draft, context: list[int], output: list[int], k: int) -> list[
     while i < len(output):
         n = min(k, len(output) - i - 1)
         prompt = mx.array(context + output[:i], mx.uint32)
-        proposal = [int(t) for t, _ in generate_step(prompt, draft, max_tokens=n)] if n else []
+        proposal = (
+            [int(t) for t, _ in generate_step(prompt, draft, max_tokens=n)] if n else []
+        )
         accepted = 0
         while accepted < n and proposal[accepted] == output[i + accepted]:
             accepted += 1
@@ -95,10 +126,16 @@ def greedy_rounds(draft, context: list[int], output: list[int], k: int) -> list[
     return rounds
 
 
-def expected_disagreements(rounds: list[GreedyRound], output: list[int]) -> list[tuple[int, int, int]]:
+def expected_disagreements(
+    rounds: list[GreedyRound], output: list[int]
+) -> list[tuple[int, int, int]]:
     """``(position, draft_token, target_token)`` of each rejected draft token."""
     return [
-        (r.position + r.accepted, r.proposal[r.accepted], output[r.position + r.accepted])
+        (
+            r.position + r.accepted,
+            r.proposal[r.accepted],
+            output[r.position + r.accepted],
+        )
         for r in rounds
         if r.accepted < len(r.proposal)
     ]
@@ -150,22 +187,41 @@ def test_modes_agree_and_only_detailed_collects(system, tiny_model_dir):
     output = target_tokens(system, "Tell me more", 12)
     assert len(output) == 12, "the reference rounds assume no EOS"
     assert failure.target_output == detailed and failure.prompt == "Tell me more"
-    assert failure.prompt_tokens == result.prompt_tokens == system.decoder.encode_prompt("Tell me more")
+    assert (
+        failure.prompt_tokens
+        == result.prompt_tokens
+        == system.decoder.encode_prompt("Tell me more")
+    )
     assert failure.acceptance_rate == result.acceptance_rate < 1.0
     # One disagreement per rejected draft token, where greedy rounds reject one.
     draft, _ = mlx_lm.load(str(tiny_model_dir.draft))
     rounds = greedy_rounds(draft, result.prompt_tokens, output, 3)
     expected = expected_disagreements(rounds, output)
     assert expected, "this prompt is chosen for its rejections on the tiny pair"
-    assert [(d.position, d.draft_token, d.target_token) for d in failure.disagreements] == expected
-    assert failure.acceptance_rate == sum(r.accepted for r in rounds) / sum(len(r.proposal) for r in rounds)
+    assert [
+        (d.position, d.draft_token, d.target_token) for d in failure.disagreements
+    ] == expected
+    assert failure.acceptance_rate == sum(r.accepted for r in rounds) / sum(
+        len(r.proposal) for r in rounds
+    )
 
 
 def test_stats_have_the_documented_keys(system):
     system.generate("What is Python?")
     stats = system.get_stats()
-    assert {"generation_count", "tracker", "failure_count", "replay_buffer_size", "adapter_loaded", "adapter_path"} <= set(stats)
-    assert set(stats["tracker"]) == {"recent_average", "overall_average", "total_samples"}
+    assert {
+        "generation_count",
+        "tracker",
+        "failure_count",
+        "replay_buffer_size",
+        "adapter_loaded",
+        "adapter_path",
+    } <= set(stats)
+    assert set(stats["tracker"]) == {
+        "recent_average",
+        "overall_average",
+        "total_samples",
+    }
     assert stats["tracker"]["total_samples"] == 1
     assert stats["tracker"]["recent_average"] == system.last_result.acceptance_rate
     assert stats["adapter_loaded"] is False and stats["adapter_path"] is None
@@ -209,7 +265,9 @@ def test_train_hot_swaps_and_consumes_failures(system):
     assert Path(results["checkpoint_path"]).name == "best"
     stats = system.get_stats()
     assert stats["failure_count"] == 0 and stats["replay_buffer_size"] == 4
-    assert stats["adapter_loaded"] and stats["adapter_path"] == str(Path(results["checkpoint_path"]).resolve())
+    assert stats["adapter_loaded"] and stats["adapter_path"] == str(
+        Path(results["checkpoint_path"]).resolve()
+    )
     # The draft changed in place; the target did not.
     assert system.decoder.draft_model is draft
     assert not mx.allclose(draft(probe), draft_before).item()
@@ -235,7 +293,11 @@ def test_adapter_management(system):
         assert system.load_adapter(alias) is True
     # Missing, however it is named: False, and the loaded adapter stays.
     info = system.get_adapter_info()
-    for missing in ("no-such-adapter", "previous", str(Path(info["path"]).parent / "nothing")):
+    for missing in (
+        "no-such-adapter",
+        "previous",
+        str(Path(info["path"]).parent / "nothing"),
+    ):
         assert system.load_adapter(missing) is False
         assert system.get_adapter_info() == info
 
@@ -249,7 +311,9 @@ def test_ab_testing_base_vs_trained(system, tiny_model_dir):
     trained = system.train(num_epochs=2, learning_rate=5e-3)
     drafts = {
         "base": mlx_lm.load(str(tiny_model_dir.draft))[0],
-        "trained": mlx_lm.load(str(tiny_model_dir.draft), adapter_path=trained["checkpoint_path"])[0],
+        "trained": mlx_lm.load(
+            str(tiny_model_dir.draft), adapter_path=trained["checkpoint_path"]
+        )[0],
     }
     # Serve the candidate whether or not train() promoted it, so that both
     # variants below start with a swap.
@@ -261,7 +325,9 @@ def test_ab_testing_base_vs_trained(system, tiny_model_dir):
         for prompt in MIXED_PROMPTS:
             output = target_tokens(system, prompt, 12)
             assert len(output) == 12, "the reference rounds assume no EOS"
-            assert system.generate(prompt, mode="fast") == system.decoder.tokenizer.decode(output)
+            assert system.generate(
+                prompt, mode="fast"
+            ) == system.decoder.tokenizer.decode(output)
             result = system.last_result
             assert result.tokens == output
             rounds = greedy_rounds(draft, result.prompt_tokens, output, 3)
@@ -281,7 +347,9 @@ def test_custom_data_collection(system, tmp_path, tiny_model_dir):
     selects, each stored with the fields of the generation it came from."""
     decoder = system.decoder
     assert isinstance(decoder, ManualSpeculativeDecoder)
-    collector = DataCollector(str(tmp_path / "custom_failures"), acceptance_threshold=0.6)
+    collector = DataCollector(
+        str(tmp_path / "custom_failures"), acceptance_threshold=0.6
+    )
     results = {}
     for i, prompt in enumerate(MIXED_PROMPTS):
         result = decoder.generate(prompt, max_tokens=12)
@@ -307,13 +375,16 @@ def test_custom_data_collection(system, tmp_path, tiny_model_dir):
         example = loaded[example_id]
         output = target_tokens(system, prompt, 12)
         assert len(output) == 12, "the reference rounds assume no EOS"
-        assert example.prompt == prompt and example.target_output == decoder.tokenizer.decode(output)
+        assert (
+            example.prompt == prompt
+            and example.target_output == decoder.tokenizer.decode(output)
+        )
         assert example.prompt_tokens == decoder.tokenizer.encode(prompt)
         assert example.acceptance_rate == result.acceptance_rate < 0.6
         rounds = greedy_rounds(draft, decoder.encode_prompt(prompt), output, 3)
-        assert [(d.position, d.draft_token, d.target_token) for d in example.disagreements] == (
-            expected_disagreements(rounds, output)
-        )
+        assert [
+            (d.position, d.draft_token, d.target_token) for d in example.disagreements
+        ] == (expected_disagreements(rounds, output))
         for d in example.disagreements:
             # Greedy: the target's token is its most likely one, first in the top-k.
             assert d.top_k_tokens[0] == d.target_token and len(d.top_k_tokens) == 20
