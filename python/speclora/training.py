@@ -501,10 +501,19 @@ class LoRATrainer:
         self.model.eval()
         totals = np.zeros(4, dtype=np.float64)
         bs = self.config.batch_size
-        for i in range(0, len(seqs), bs):
-            sums = self._loss_sums(self.model, *self._batch(seqs[i : i + bs], top_k))
+        # Under mlx.launch each rank scores every size-th sequence and the
+        # ranks add up their sums, so every rank must call this.
+        group = mx.distributed.init()
+        mine = seqs[group.rank() :: group.size()]
+        for i in range(0, len(mine), bs):
+            sums = self._loss_sums(self.model, *self._batch(mine[i : i + bs], top_k))
             mx.eval(sums)
             totals += np.array([np.asarray(x) for x in sums], dtype=np.float64)
+        if group.size() > 1:
+            summed = mx.distributed.all_sum(
+                mx.array(totals, dtype=mx.float64), stream=mx.cpu
+            )
+            totals = np.asarray(summed, dtype=np.float64)
         ce_sum, n_tok, kl_sum, n_dis = totals
         loss = ce_sum / max(n_tok, 1.0)
         if self.config.distill_weight > 0:
@@ -739,11 +748,36 @@ class LoRATrainer:
 
         optimizer = optim.AdamW(learning_rate=learning_rate)
         optimizer.init(model.trainable_parameters())
-        loss_and_grad = nn.value_and_grad(model, self._batch_loss)
+        # Under mlx.launch the ranks train data-parallel: each takes its share
+        # of every batch, and losses and gradients are averaged across ranks.
+        group = mx.distributed.init()
+        rank, size = group.rank(), group.size()
+        # Stands in for a rank's share when a batch has fewer rows than ranks:
+        # its masks are all zero, so it adds nothing to the loss.
+        empty_row = _Sequence(np.zeros(2, np.int32), 2, np.zeros(0, np.int32), [], [])
+
+        def rank_loss(model: nn.Module, *batch: mx.array) -> mx.array:
+            # Normalised by the whole batch's counts, times size: the mean over
+            # ranks is then the one-process batch loss however unevenly the
+            # tokens fall between ranks (a mean of per-rank means is not).
+            ce_sum, n_tok, kl_sum, n_dis = self._loss_sums(model, *batch)
+            counts = mx.distributed.all_sum(mx.stop_gradient(mx.stack([n_tok, n_dis])))
+            loss = ce_sum / mx.maximum(counts[0], 1.0)
+            if cfg.distill_weight > 0:
+                loss = loss + cfg.distill_weight * kl_sum / mx.maximum(counts[1], 1.0)
+            return size * loss
+
+        loss_and_grad = nn.value_and_grad(
+            model, self._batch_loss if size == 1 else rank_loss
+        )
         compiled_state = [model.state, optimizer.state, mx.random.state]
 
         def step(*batch: mx.array) -> mx.array:
             loss, grads = loss_and_grad(model, *batch)
+            if size > 1:
+                # Before clipping: the norm is the whole batch's gradient's.
+                loss = mx.distributed.all_sum(loss) / size
+                grads = nn.average_gradients(grads)
             if cfg.grad_clip is not None:
                 grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
             optimizer.update(model, grads)
@@ -764,7 +798,7 @@ class LoRATrainer:
             total=epochs * steps_per_epoch,
             desc="LoRA training",
             unit="step",
-            disable=not self.show_progress,
+            disable=not self.show_progress or rank != 0,
         )
         try:
             for epoch in range(1, epochs + 1):
@@ -774,8 +808,9 @@ class LoRATrainer:
                 model.train()
                 epoch_losses: list[float] = []
                 for i in range(0, len(order), cfg.batch_size):
+                    rows = order[i : i + cfg.batch_size][rank::size]
                     batch = self._batch(
-                        [epoch_set[j] for j in order[i : i + cfg.batch_size]], top_k
+                        [epoch_set[j] for j in rows] or [empty_row], top_k
                     )
                     loss_arr = step_fn(*batch)
                     mx.eval(loss_arr, model.state, optimizer.state)
@@ -832,11 +867,14 @@ class LoRATrainer:
                         else str(resume_from)
                     ),
                 }
-                self._save("latest", state)
-                if improved:
-                    self._save("best", state)
-                if epoch == epochs:
-                    self._save("final", state)
+                # The ranks hold identical weights: one writer, and the other
+                # ranks never touch checkpoint_dir.
+                if rank == 0:
+                    self._save("latest", state)
+                    if improved:
+                        self._save("best", state)
+                    if epoch == epochs:
+                        self._save("final", state)
         finally:
             bar.close()
             model.eval()
