@@ -10,7 +10,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step, speculative_generate_step
 from mlx_lm.models import llama
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, trim_prompt_cache
 from speclora.cache import (
     RollbackKVCache,
     kv_ring_write,
@@ -395,22 +395,24 @@ def test_cache_reports_mlx_lm_bookkeeping() -> None:
     model(random_tokens((1, 20), 7), cache=cache)
     assert rotating.offset == 20 and rotating.size() == WINDOW
     assert not rotating.empty() and rotating.nbytes > 0
-    keys, _ = rotating.state
+    keys = rotating.state[0]
     assert keys.shape[2] == WINDOW + 4
     restored = RollbackKVCache.from_state(rotating.state)
-    restored.meta_state = rotating.meta_state
     assert restored.offsets == [20] and restored.max_size == WINDOW
+    assert restored.keep == 0 and restored.headroom == 4
 
 
-def test_rollback_deeper_than_headroom_raises() -> None:
+def test_rollback_deeper_than_headroom_trims_what_it_can() -> None:
+    # mlx-lm's contract: trim what can be trimmed and say how much.
     model = tiny_llama(WINDOW)
     cache = make_speculative_cache(model, headroom=2)
     model(random_tokens((1, 20), 8), cache=cache)
-    assert trim_cache(cache, 3) == 3
-    with pytest.raises(ValueError, match=r"cannot roll row 0 back by 1 tokens"):
-        trim_cache(cache, 1)
-    # The unbounded layer would have allowed it; nothing was changed.
+    assert cache[0].trim(2) == 2
+    assert cache[0].trim(5) == 1  # 3 = headroom + 1 behind the furthest write
+    assert cache[0].trim(1) == 0
     assert cache[0].offset == 17
+    # Layers that dropped different amounts: the least is reported.
+    assert trim_prompt_cache(cache, 2) == 0 and trim_cache(cache, 2) == 0
 
 
 @pytest.mark.parametrize(

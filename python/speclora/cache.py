@@ -1,41 +1,64 @@
-"""KV caches that speculative decoding can roll back in every state, row by row.
+"""Caches that speculative decoding can roll back, for every layer type mlx-lm builds.
 
-mlx-lm's ``KVCache.trim`` is an O(1) move of the offset and is used as is. Two
-things mlx-lm cannot do:
+A speculative round feeds a model tokens that may then be rejected; afterwards
+each layer's cache must hold exactly what it would hold had only the accepted
+tokens been fed. How, by layer type:
 
-* roll back a rotating (sliding-window) cache once it has wrapped:
-  ``RotatingKVCache.is_trimmable()`` turns False at ``offset >= max_size``
-  because a write has overwritten what a rollback would need, and its
-  multi-token update path mis-evicts;
-* roll back each row of a batch by its own amount.
+* ``KVCache``, ``QuantizedKVCache`` (mlx-lm's ``kv_bits``) and the other
+  trimmable KV caches: ``trim``, an O(1) move of the offset, used as is.
+* Sliding-window layers (mlx-lm's ``RotatingKVCache``, any ``keep``) and full
+  attention bounded by ``max_kv_size``: :class:`RollbackKVCache`. mlx-lm's
+  rotating cache cannot roll back once it has wrapped (``is_trimmable()`` turns
+  False at ``offset >= max_size``: a write has overwritten what a rollback would
+  need) and its multi-token update path mis-evicts. :class:`RollbackKVCache` also
+  rolls each row of a batch back by its own amount.
+* Recurrent state (``ArraysCache``: Mamba, and the recurrent layers of hybrid
+  models) cannot be trimmed at all. :class:`CacheRewinder` keeps a checkpoint of
+  it from before the speculative tokens and, on rejection, restores it and feeds
+  the accepted tokens through the model again (in the same lazy graph as the next
+  round, so no extra synchronisation).
 
-:class:`RollbackKVCache` does both. Its buffer holds ``headroom`` slots beyond
-the window, so a block of up to ``headroom + 1`` tokens is written in place (the
-``kv_ring_write`` op) without evicting anything a query of the block can still
-see, and rolling back up to ``headroom + 1`` tokens behind the furthest write is
-an O(1) move of per-row positions: nothing needs restoring because nothing still
-needed was overwritten. Attention masks follow from the absolute position each
-slot holds, so the attention is exactly the windowed attention of a full
-recompute. Longer blocks (a prefill chunk) take a concatenating path, like
-mlx-lm's.
+:func:`make_speculative_cache` builds these from a model's own ``make_cache()``.
+:class:`RollbackKVCache` buffers hold ``headroom`` slots beyond the window, so a
+block of up to ``headroom + 1`` tokens is written in place (the ``kv_ring_write``
+op) without evicting anything a query of the block can still see, and rolling
+back up to ``headroom + 1`` tokens behind the furthest write is an O(1) move of
+per-row positions: nothing needs restoring because nothing still needed was
+overwritten. Attention masks follow from the absolute position each slot holds,
+so the attention is exactly the windowed attention of a full recompute, i.e. of
+mlx-lm's ``RotatingKVCache`` fed one token at a time. Longer blocks (a prefill
+chunk) take a concatenating path, like mlx-lm's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import mlx.core as mx
+import mlx_lm.models.cache as mlx_lm_cache
 from mlx import nn
-from mlx_lm.models.cache import KVCache, RotatingKVCache, _BaseCache
+from mlx.utils import tree_map
+from mlx_lm.models.cache import (
+    ArraysCache,
+    CacheList,
+    ChunkedKVCache,
+    ConcatenateKVCache,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    _BaseCache,
+)
 
 from speclora._native import extension, on_cpu, resolve_stream
 
 DEFAULT_HEADROOM = 32
 """Extra slots of a windowed cache: the longest rollback is ``headroom + 1``."""
 
-_MLX_LM_ROTATING_KEEP = 4
-"""The attention-sink slots mlx-lm's ``make_prompt_cache`` gives ``max_kv_size`` caches."""
+SINK_TOKENS = 4
+"""Leading tokens a ``max_kv_size`` window always keeps, as mlx-lm's
+``make_prompt_cache`` does (``RotatingKVCache(max_kv_size, keep=4)``)."""
 
 
 def kv_ring_write_reference(
@@ -164,6 +187,10 @@ class RollbackKVCache(_BaseCache):
 
     While every row is at the same position, :attr:`offset` is an ``int``, as in
     mlx-lm; after rows diverge it is an ``mx.array [B]`` (RoPE takes either).
+
+    ``state`` carries everything (buffers, positions, window), so mlx-lm's
+    ``save_prompt_cache`` / ``load_prompt_cache`` round-trip it; importing this
+    module registers the class where ``load_prompt_cache`` looks classes up.
 
     Args:
         max_size (int, optional): Window length. Default: ``None`` (no window).
@@ -391,39 +418,45 @@ class RollbackKVCache(_BaseCache):
             mask = mask & ((position < keep) | (query - position < span - keep))
         return mask[:, None]
 
+
     # ------------------------------------------------------------- rollback
 
-    def _check_depth(self, row: int, target: int, n: int) -> None:
-        if self.max_size is None:
-            return
-        deepest = self._frontier[row] - (self.headroom + 1)
-        if target < deepest:
-            raise ValueError(
-                f"[RollbackKVCache] cannot roll row {row} back by {n} tokens to "
-                f"position {target}: a window of {self.max_size} with headroom "
-                f"{self.headroom} keeps positions from {deepest} on after writing up "
-                f"to {self._frontier[row]}; build the cache with a larger headroom."
-            )
+    def _deepest(self, row: int) -> int:
+        """The earliest position ``row`` can roll back to.
+
+        Until a write lands on a slot that held an older position, every position
+        is still there. After, a rollback to ``t`` needs the ``max_size - keep``
+        positions before ``t`` intact: they are, for ``t`` at most ``headroom + 1``
+        behind the furthest write.
+        """
+        frontier = self._frontier[row]
+        if self.max_size is None or frontier <= self.capacity:
+            return 0
+        return max(0, frontier - (self.headroom + 1))
 
     def trim(self, n: int) -> int:
-        """Roll every row back by ``n`` tokens (at most its position).
+        """Roll every row back by ``n`` tokens, or as far as it can.
+
+        As mlx-lm's caches do: what can be trimmed is trimmed and the count is
+        returned. A row goes back at most to its first position and, once its
+        window has wrapped, at most ``headroom + 1`` tokens behind its furthest
+        write.
 
         Args:
             n (int): Tokens to drop from the end.
 
         Returns:
-            int: Tokens dropped from the longest row.
+            int: Tokens dropped from the row that dropped the most.
 
         Raises:
-            ValueError: if ``n < 0`` or, with a window, a row would go back more
-              than ``headroom + 1`` tokens behind its furthest write.
+            ValueError: if ``n < 0``.
         """
         if n < 0:
             raise ValueError(f"[RollbackKVCache] cannot trim a negative count {n}.")
         return max(self.trim_per_row([n] * len(self._pos)), default=0)
 
     def trim_per_row(self, n: mx.array | Sequence[int]) -> list[int]:
-        """Roll row ``b`` back by ``n[b]`` tokens (at most its position).
+        """Roll row ``b`` back by ``n[b]`` tokens, or as far as it can (see :meth:`trim`).
 
         Args:
             n (mx.array or Sequence[int]): ``[B]`` non-negative counts. An array is
@@ -433,8 +466,7 @@ class RollbackKVCache(_BaseCache):
             list[int]: Tokens dropped from each row.
 
         Raises:
-            ValueError: on a count that is negative, a length other than ``B``,
-              or a rollback deeper than the window allows (see :meth:`trim`).
+            ValueError: on a count that is negative or a length other than ``B``.
         """
         counts = _counts(n)
         if len(counts) != len(self._pos) and self._pos:
@@ -445,11 +477,11 @@ class RollbackKVCache(_BaseCache):
             raise ValueError(f"[RollbackKVCache] counts must be >= 0, got {counts}.")
         if not self._pos:
             return [0] * len(counts)
-        dropped = [min(c, p) for c, p in zip(counts, self._pos)]
-        targets = [p - d for p, d in zip(self._pos, dropped)]
-        for row, (target, count) in enumerate(zip(targets, counts)):
-            self._check_depth(row, target, count)
-        self._pos = targets
+        dropped = [
+            max(0, min(c, p - self._deepest(row)))
+            for row, (c, p) in enumerate(zip(counts, self._pos))
+        ]
+        self._pos = [p - d for p, d in zip(self._pos, dropped)]
         return dropped
 
     def is_trimmable(self) -> bool:
@@ -473,15 +505,32 @@ class RollbackKVCache(_BaseCache):
         return int(self.keys.nbytes + self.values.nbytes)
 
     @property
-    def state(self) -> tuple[mx.array | None, mx.array | None]:
-        return self.keys, self.values
+    def state(self) -> tuple[Any, ...]:
+        """Buffers, per-row positions and furthest writes (``[B]`` int64, ``None``
+        before the first update), ``max_size``, ``keep`` and ``headroom``."""
+        rows = bool(self._pos)
+        return (
+            self.keys,
+            self.values,
+            mx.array(self._pos, mx.int64) if rows else None,
+            mx.array(self._frontier, mx.int64) if rows else None,
+            self.max_size,
+            self.keep,
+            self.headroom,
+        )
 
     @state.setter
-    def state(self, v: tuple[mx.array | None, mx.array | None]) -> None:
-        self.keys, self.values = v
+    def state(self, v: Sequence[Any]) -> None:
+        keys, values, pos, frontier, max_size, keep, headroom = v
+        self.keys, self.values = keys, values
+        self._pos = [] if pos is None else _counts(pos)
+        self._frontier = [] if frontier is None else _counts(frontier)
+        self.max_size = None if max_size is None else int(max_size)
+        self.keep, self.headroom = int(keep), int(headroom)
 
     @property
     def meta_state(self) -> tuple[str, ...]:
+        # The same facts as ``state``, for mlx-lm versions that save meta_state.
         return (
             "" if self.max_size is None else str(self.max_size),
             str(self.keep),
@@ -499,6 +548,37 @@ class RollbackKVCache(_BaseCache):
         self._frontier = [int(f) for f in frontier.split(",")] if frontier else []
 
 
+def _register_with_mlx_lm() -> None:
+    # mlx-lm's load_prompt_cache (and CacheList) find cache classes by name in
+    # its cache module and offer no registry, so the class is added there.
+    if getattr(mlx_lm_cache, RollbackKVCache.__name__, None) is not RollbackKVCache:
+        setattr(mlx_lm_cache, RollbackKVCache.__name__, RollbackKVCache)
+
+
+_register_with_mlx_lm()
+
+
+def load_prompt_cache(file_name: str, return_metadata: bool = False) -> Any:
+    """mlx-lm's ``load_prompt_cache``, for files that hold :class:`RollbackKVCache` layers.
+
+    mlx-lm's own function reads them too once this module is imported; this one
+    is here so that code loading such files says where the class comes from.
+
+    Args:
+        file_name (str): The ``.safetensors`` file written by mlx-lm's
+          ``save_prompt_cache``.
+        return_metadata (bool): Also return the metadata. Default: ``False``.
+
+    Returns:
+        list or tuple[list, dict]: The caches (and the metadata).
+    """
+    _register_with_mlx_lm()
+    return mlx_lm_cache.load_prompt_cache(file_name, return_metadata=return_metadata)
+
+
+# ------------------------------------------------------------------ building
+
+
 def make_speculative_cache(
     model: nn.Module,
     max_kv_size: int | None = None,
@@ -506,87 +586,366 @@ def make_speculative_cache(
     per_row: bool = False,
     headroom: int = DEFAULT_HEADROOM,
 ) -> list[Any]:
-    """Caches for ``model`` that can be rolled back in every state.
+    """Caches for ``model`` that speculative decoding can roll back.
 
-    Layers the model gives an mlx-lm ``KVCache`` keep it (its ``trim`` is already
-    an O(1) offset move), or get a :class:`RollbackKVCache` without a window if
-    ``per_row``; sliding-window layers (``RotatingKVCache``) get a windowed
-    :class:`RollbackKVCache` of the same window. With ``max_kv_size``, full
-    attention layers get a windowed :class:`RollbackKVCache` of that size with
-    mlx-lm's 4 sink tokens, as ``mlx_lm``'s ``make_prompt_cache`` does for models
-    without their own ``make_cache`` (and, unlike it, for models with one).
+    Starts from the model's own ``make_cache()`` (one ``KVCache`` per layer for
+    models without one) and gives each layer a cache that rolls back:
+
+    * ``KVCache`` layers keep it (its ``trim`` is an O(1) offset move), or get a
+      :class:`RollbackKVCache` without a window if ``per_row``. With
+      ``max_kv_size`` they get a :class:`RollbackKVCache` window of that size that
+      keeps the first :data:`SINK_TOKENS` tokens, as mlx-lm's
+      ``make_prompt_cache`` does for models without their own ``make_cache`` --
+      and, unlike it, for models with one (it ignores ``max_kv_size`` there).
+    * Sliding-window layers (``RotatingKVCache``) get a :class:`RollbackKVCache`
+      of the same window and ``keep``.
+    * Recurrent layers (``ArraysCache``) and the other trimmable mlx-lm caches
+      keep theirs; :class:`CacheRewinder` rolls recurrent state back.
+    * ``CacheList`` layers get each of their caches converted.
 
     Args:
         model (nn.Module): An mlx-lm model.
-        max_kv_size (int, optional): Bound on full-attention layers. Default:
-          ``None``.
+        max_kv_size (int, optional): Window of full-attention layers, greater
+          than :data:`SINK_TOKENS`. Default: ``None`` (no window).
         per_row (bool): Allow :func:`trim_cache` with a count per row. Default:
           ``False``.
         headroom (int): Rollback depth of windowed layers, see
           :class:`RollbackKVCache`. Default: :data:`DEFAULT_HEADROOM`.
 
     Returns:
-        list: One cache per layer.
+        list: One cache per entry of the model's ``make_cache()``.
 
     Raises:
-        ValueError: if a layer's cache kind cannot be rolled back (e.g. the
-          state of a recurrent layer).
+        ValueError: if ``max_kv_size <= SINK_TOKENS``, if a layer's cache type
+          cannot be rolled back, or with ``per_row`` if a layer holds recurrent
+          state (it has one state for all rows' histories).
     """
+    if max_kv_size is not None and max_kv_size <= SINK_TOKENS:
+        # mlx-lm's RotatingKVCache(max_size <= 4, keep=4) stops storing new tokens.
+        raise ValueError(
+            f"[make_speculative_cache] max_kv_size must be greater than "
+            f"{SINK_TOKENS} (a window keeps its first {SINK_TOKENS} tokens, as "
+            f"mlx-lm's does), got {max_kv_size}."
+        )
     if hasattr(model, "make_cache"):
         base = model.make_cache()
     else:
         base = [KVCache() for _ in model.layers]
-    caches: list[Any] = []
-    for i, c in enumerate(base):
-        if isinstance(c, RotatingKVCache):
-            caches.append(RollbackKVCache(c.max_size, c.keep, headroom=headroom))
-        elif isinstance(c, KVCache) and max_kv_size is not None:
-            keep = min(_MLX_LM_ROTATING_KEEP, max_kv_size - 1)
-            caches.append(RollbackKVCache(max_kv_size, keep, headroom=headroom))
-        elif isinstance(c, KVCache):
-            caches.append(RollbackKVCache(headroom=headroom) if per_row else c)
-        elif c.is_trimmable():
-            caches.append(c)
+    return [
+        _rollback_layer(c, f"layer {i}", max_kv_size, per_row, headroom)
+        for i, c in enumerate(base)
+    ]
+
+
+# Caches whose trim rolls back every state they can be in (one offset for all rows).
+_TRIMMABLE = (KVCache, QuantizedKVCache, ConcatenateKVCache, ChunkedKVCache)
+
+
+def _rollback_layer(
+    c: Any, where: str, max_kv_size: int | None, per_row: bool, headroom: int
+) -> Any:
+    """The cache that replaces ``c`` in :func:`make_speculative_cache`."""
+    if isinstance(c, CacheList):
+        return CacheList(
+            *(
+                _rollback_layer(x, f"{where}.{j}", max_kv_size, per_row, headroom)
+                for j, x in enumerate(c.caches)
+            )
+        )
+    if isinstance(c, RotatingKVCache):
+        return RollbackKVCache(c.max_size, c.keep, headroom=headroom)
+    if type(c) is KVCache and max_kv_size is not None:
+        return RollbackKVCache(max_kv_size, SINK_TOKENS, headroom=headroom)
+    if type(c) is KVCache and per_row:
+        return RollbackKVCache(headroom=headroom)
+    if isinstance(c, ArraysCache) and per_row:
+        raise ValueError(
+            f"[make_speculative_cache] {where} ({type(c).__name__}) holds recurrent "
+            "state, which cannot roll back row by row."
+        )
+    if isinstance(c, (*_TRIMMABLE, ArraysCache, RollbackKVCache)):
+        return c
+    raise ValueError(
+        f"[make_speculative_cache] {where} uses {type(c).__name__}, which cannot "
+        "be rolled back."
+    )
+
+
+def _leaves(cache: Sequence[Any], prefix: str = "layer ") -> Iterator[tuple[str, Any]]:
+    """Every layer cache, inside ``CacheList`` layers too, with where it sits."""
+    for i, c in enumerate(cache):
+        if isinstance(c, CacheList):
+            yield from _leaves(c.caches, f"{prefix}{i}.")
         else:
+            yield f"{prefix}{i}", c
+
+
+def prepare_speculative_cache(cache: list[Any]) -> None:
+    """Check, before any generation, that every layer of ``cache`` can roll back.
+
+    Empty mlx-lm ``RotatingKVCache`` layers (e.g. from ``make_prompt_cache``) are
+    turned, in place, into :class:`RollbackKVCache` of the same window: the
+    caller's list keeps the same objects, now able to roll back after wrapping.
+
+    Args:
+        cache (list): One model's caches.
+
+    Raises:
+        ValueError: naming the first layer whose cache cannot roll back: a
+          ``RotatingKVCache`` that already holds tokens, or an unknown type.
+    """
+    for where, c in _leaves(cache):
+        if isinstance(c, RotatingKVCache):
+            if not c.empty():
+                raise ValueError(
+                    f"[speculative decoding] {where} is an mlx-lm RotatingKVCache "
+                    "that already holds tokens; it cannot roll back once it wraps. "
+                    "Build the caches with speclora.make_speculative_cache."
+                )
+            max_size, keep = c.max_size, c.keep
+            vars(c).clear()
+            cast(Any, c).__class__ = RollbackKVCache
+            RollbackKVCache.__init__(cast(Any, c), max_size, keep)
+        elif not isinstance(c, (*_TRIMMABLE, ArraysCache, RollbackKVCache)):
             raise ValueError(
-                f"[make_speculative_cache] layer {i} uses {type(c).__name__}, which "
+                f"[speculative decoding] {where} uses {type(c).__name__}, which "
                 "cannot be rolled back."
             )
-    return caches
+
+
+def rollback_limit(cache: Sequence[Any]) -> int | None:
+    """The most tokens a speculative round may draft so that ``cache`` rolls back
+    in full: the smallest ``headroom`` of its windowed layers (``None``: no bound)."""
+    limits = [
+        c.headroom
+        for _, c in _leaves(cache)
+        if isinstance(c, RollbackKVCache) and c.max_size is not None
+    ]
+    return min(limits) if limits else None
 
 
 def trim_cache(cache: list[Any], n: int | mx.array | Sequence[int]) -> int | list[int]:
     """Roll every layer's cache back by ``n`` tokens, or row ``b`` by ``n[b]``.
 
+    Follows mlx-lm's ``trim_prompt_cache``: each layer trims what it can and the
+    count is returned.
+
     Args:
-        cache (list): Caches from :func:`make_speculative_cache` (or any
-          trimmable mlx-lm caches for a single count).
+        cache (list): Trimmable caches, e.g. from :func:`make_speculative_cache`
+          for a model without recurrent layers.
         n (int or mx.array or Sequence[int]): One count, or ``[B]`` counts.
 
     Returns:
-        int or list[int]: Tokens dropped (per row for per-row counts).
+        int or list[int]: Tokens dropped: the least any layer dropped (per row
+        for per-row counts).
 
     Raises:
-        ValueError: on negative counts, or per-row counts that differ on a cache
-          whose rows share one position (plain ``KVCache``: build the caches with
-          ``per_row=True``).
+        ValueError: on negative counts, on a layer that cannot be trimmed
+          (recurrent state: see :class:`CacheRewinder`), or on per-row counts that
+          differ on a cache whose rows share one position (plain ``KVCache``:
+          build the caches with ``per_row=True``).
     """
+    for where, c in _leaves(cache):
+        if not c.is_trimmable():
+            raise ValueError(
+                f"[trim_cache] {where} ({type(c).__name__}) cannot be trimmed."
+            )
     if isinstance(n, int):
         if n < 0:
             raise ValueError(f"[trim_cache] cannot trim a negative count {n}.")
-        dropped = [c.trim(n) for c in cache]
-        return dropped[0] if dropped else 0
+        return min((c.trim(n) for c in cache), default=0)
     counts = _counts(n)
-    result: list[int] = []
+    result = list(counts)
     for i, c in enumerate(cache):
         if hasattr(c, "trim_per_row"):
-            result = c.trim_per_row(counts)
+            dropped = c.trim_per_row(counts)
         elif counts and all(k == counts[0] for k in counts):
-            result = [c.trim(counts[0])] * len(counts)
+            dropped = [c.trim(counts[0])] * len(counts)
         else:
             raise ValueError(
                 f"[trim_cache] layer {i} ({type(c).__name__}) keeps one position for "
                 f"all rows and cannot trim {counts} per row; build the caches with "
                 "make_speculative_cache(..., per_row=True)."
             )
+        result = [min(a, b) for a, b in zip(result, dropped)]
     return result
+
+
+# ----------------------------------------------------------------- rewinding
+
+
+def _copy(tree: Any) -> Any:
+    """``tree`` with new array objects (sharing data) and new containers: a later
+    in-place update of the originals does not reach the copy."""
+    return tree_map(lambda x: mx.array(x) if isinstance(x, mx.array) else x, tree)
+
+
+class CacheRewinder:
+    """Rolls one model's caches back after a speculative step, whatever its layers.
+
+    Trimmable layers are trimmed. Recurrent layers (``ArraysCache``) are restored
+    from a :meth:`checkpoint` taken before the tokens were fed; the tokens kept
+    are then fed through the model again, which also rewrites the KV layers of a
+    hybrid model. Checkpoints cost no copy of the data (MLX arrays are immutable).
+
+    Every rollback is checked: a layer that drops fewer tokens than asked raises
+    instead of leaving a cache that silently differs.
+
+    Args:
+        model (nn.Module): The model the caches belong to.
+        cache (list): Its caches (layers may be replaced in the list between
+          rounds, e.g. by KV quantization).
+    """
+
+    def __init__(self, model: nn.Module, cache: list[Any]) -> None:
+        self.model = model
+        self.cache = cache
+        self.recurrent = any(isinstance(c, ArraysCache) for _, c in _leaves(cache))
+        self._checkpoints: list[list[Any]] = []
+
+    def reset(self) -> None:
+        """Forget every checkpoint."""
+        self._checkpoints.clear()
+
+    def checkpoint(self) -> None:
+        """Remember the recurrent state as it is now (a no-op without any)."""
+        if self.recurrent:
+            self._checkpoints.append(
+                [
+                    _copy(c.state) if isinstance(c, ArraysCache) else None
+                    for _, c in _leaves(self.cache)
+                ]
+            )
+
+    def rewind(self, fed: mx.array, keep: int, *, since: int = 0) -> None:
+        """Keep only the first ``keep`` of the tokens ``fed`` since checkpoint ``since``.
+
+        Args:
+            fed (mx.array): ``[S]`` the tokens fed since that checkpoint, in order.
+            keep (int): How many of them the caches keep, ``0 <= keep <= S``.
+            since (int): Index of the checkpoint, in the order taken since
+              :meth:`reset`. Default: ``0``.
+
+        Raises:
+            RuntimeError: if a layer cannot drop what it must (e.g. a window
+              rolled back deeper than its headroom).
+        """
+        drop = fed.size - keep
+        if drop == 0:
+            return
+        if not self.recurrent:
+            self._trim(drop)
+            return
+        saved = self._checkpoints[since]
+        for (_, c), state in zip(_leaves(self.cache), saved):
+            if state is not None:
+                c.state = _copy(state)
+        self._trim(fed.size)
+        if keep:
+            self.model(fed[:keep][None], cache=self.cache)
+
+    def _trim(self, n: int) -> None:
+        for where, c in _leaves(self.cache):
+            if isinstance(c, ArraysCache):
+                continue
+            dropped = c.trim(n)
+            if dropped != n:
+                raise RuntimeError(
+                    f"[speculative decoding] {where} ({type(c).__name__}) rolled back "
+                    f"{dropped} of {n} tokens; a speculative round must not draft "
+                    "more than the caches can roll back."
+                )
+
+
+# -------------------------------------------------------------- quantization
+
+
+@dataclass(frozen=True)
+class KVQuantization:
+    """mlx-lm's KV-cache quantization (``kv_bits``), switched on at the same token.
+
+    mlx-lm's ``generate_step`` turns each ``KVCache`` into a ``QuantizedKVCache``
+    after the first model call that leaves ``start`` or more tokens in it. Fed one
+    token at a time, the tokens at positions ``>= max(start, 1)`` are computed
+    against the quantized cache and the earlier ones against full precision; the
+    decode loop keeps the same boundary by never letting one call cross it.
+
+    Args:
+        bits (int): Bits per element. Default: ``8``.
+        group_size (int): Elements per quantization group. Default: ``64``.
+        start (int): Cache length at which quantization starts. Default: ``5000``
+          (mlx-lm's).
+    """
+
+    bits: int = 8
+    group_size: int = 64
+    start: int = 5000
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 5, 6, 8):
+            raise ValueError(f"[KVQuantization] bits must be 2-6 or 8, got {self.bits}.")
+        if self.group_size not in (32, 64, 128):
+            raise ValueError(
+                f"[KVQuantization] group_size must be 32, 64 or 128, got {self.group_size}."
+            )
+        if self.start < 0:
+            raise ValueError(f"[KVQuantization] start must be >= 0, got {self.start}.")
+
+    @property
+    def boundary(self) -> int:
+        """First position computed against the quantized cache."""
+        return max(self.start, 1)
+
+    def check(self, model: nn.Module, cache: Sequence[Any]) -> None:
+        """Refuse, before any generation, what would fail once quantization starts.
+
+        That is a sliding-window layer (mlx-lm has no quantized form of it), or a
+        model whose attention cannot read a ``QuantizedKVCache`` (found by one
+        forward pass of one token on fresh quantized caches).
+
+        Args:
+            model (nn.Module): The model ``cache`` belongs to.
+            cache (list): Its caches.
+
+        Raises:
+            ValueError: naming the layer, or the model type and the error.
+        """
+        for where, c in _leaves(cache):
+            if isinstance(c, (RollbackKVCache, RotatingKVCache)):
+                raise ValueError(
+                    f"[KVQuantization] {where} is a sliding-window cache "
+                    f"({type(c).__name__}); mlx-lm has no quantized form of it "
+                    "(its RotatingKVCache raises NotImplementedError)."
+                )
+        if not any(type(c) is KVCache for c in cache):
+            return
+        try:
+            probe = [
+                c.to_quantized(group_size=self.group_size, bits=self.bits)
+                if type(c) is KVCache
+                else c
+                for c in mlx_lm_cache.make_prompt_cache(model)
+            ]
+            mx.eval(model(mx.zeros((1, 1), mx.uint32), cache=probe))
+        except Exception as e:  # any failure here would end a generation later
+            model_type = getattr(model, "model_type", type(model).__name__)
+            raise ValueError(
+                f"[KVQuantization] {model_type} cannot run on a QuantizedKVCache "
+                f"(bits={self.bits}, group_size={self.group_size}): "
+                f"{type(e).__name__}: {e}"
+            ) from e
+
+    def room(self, cache: Sequence[Any]) -> int | None:
+        """Tokens the next model call may feed without crossing the switch
+        (``None``: no bound, nothing left to switch)."""
+        for c in cache:
+            if hasattr(c, "to_quantized"):
+                offset = cast(int, c.offset)
+                return self.boundary - offset if offset < self.boundary else None
+        return None
+
+    def apply(self, cache: list[Any]) -> None:
+        """Switch the layers whose time has come, in place in the list."""
+        for i, c in enumerate(cache):
+            if hasattr(c, "to_quantized") and c.offset >= self.boundary:
+                cache[i] = c.to_quantized(group_size=self.group_size, bits=self.bits)

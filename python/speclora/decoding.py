@@ -3,8 +3,10 @@
 One round: the draft proposes ``K`` tokens one step at a time (kept lazy, so MLX
 pipelines them), the target scores the last emitted token plus the ``K`` drafts in
 one pass, the fused acceptance op decides how many drafts survive and which token
-follows them, and both KV caches are rolled back past what was rejected. The only
-host synchronisation of the round is reading the op's result.
+follows them, and both models' caches are rolled back past what was rejected
+(trimmed, or for recurrent layers restored and re-advanced: see
+:class:`speclora.cache.CacheRewinder`). The only host synchronisation of the round
+is reading the op's result.
 
 Fast and detailed decoding, and the mlx-lm compatible generator, all consume the
 :class:`Round` records this loop yields; nothing here knows who is listening.
@@ -21,7 +23,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from speclora.acceptance import speculative_accept
-from speclora.cache import make_speculative_cache, trim_cache
+from speclora.cache import (
+    CacheRewinder,
+    KVQuantization,
+    make_speculative_cache,
+    prepare_speculative_cache,
+    rollback_limit,
+)
 from speclora.drafting import DraftLengthPolicy
 from speclora.sampling import LogitsFilter, SamplingParams, sample
 
@@ -64,6 +72,8 @@ class LoopOptions:
     logits_filter: LogitsFilter | None = None
     stop_tokens: frozenset[int] = frozenset()
     max_kv_size: int | None = None
+    # mlx-lm's kv_bits: KV caches switch to quantized at the same token as in mlx-lm.
+    kv_quantization: KVQuantization | None = None
     logits_processors: Sequence[LogitsProcessor] = ()
     # An opaque mlx-lm sampler (logprobs -> token). Its distribution is unknown, so
     # the target samples too and drafts are accepted while the samples agree, which
@@ -77,11 +87,19 @@ def host_ints(a: mx.array) -> list[int]:
     return cast(list[int], a.tolist())
 
 
-def _prefill(model: nn.Module, cache: list[Any], tokens: mx.array) -> None:
+def _prefill(
+    model: nn.Module, cache: list[Any], tokens: mx.array, quantization: KVQuantization | None
+) -> None:
     """Feed ``tokens [S]`` into ``cache`` without keeping logits."""
-    for start in range(0, tokens.size, PREFILL_STEP):
-        model(tokens[start : start + PREFILL_STEP][None], cache=cache)
+    start = 0
+    while start < tokens.size:
+        step = PREFILL_STEP
+        if quantization is not None:
+            quantization.apply(cache)
+            step = min(step, quantization.room(cache) or step)
+        model(tokens[start : start + step][None], cache=cache)
         mx.eval([c.state for c in cache])
+        start += step
 
 
 def _draw(logits: mx.array, options: LoopOptions) -> mx.array:
@@ -139,13 +157,18 @@ def speculative_rounds(
         max_tokens (int): Most tokens to emit, ``>= 1``.
         policy (DraftLengthPolicy): Chooses ``K`` each round and is told the outcome.
         options (LoopOptions): Sampling, stop tokens, cache window, profiling.
-        target_cache (list, optional): Trimmable caches for the target, updated in
-          place. Default: fresh ones from :func:`speclora.cache.make_speculative_cache`.
+        target_cache (list, optional): Caches for the target, updated in place; every
+          layer must roll back (see :func:`speclora.cache.prepare_speculative_cache`).
+          Default: fresh ones from :func:`speclora.cache.make_speculative_cache`.
         draft_cache (list, optional): Same, for the draft.
 
     Yields:
         Round: one per round, in order. ``sum(len(r.tokens))`` never exceeds
         ``max_tokens``; stop tokens are not emitted.
+
+    Raises:
+        ValueError: before any model call, if a cache layer cannot roll back or
+          cannot be quantized as ``options.kv_quantization`` asks.
     """
     if len(prompt_tokens) == 0:
         raise ValueError("prompt_tokens is empty: at least one token is needed")
@@ -157,12 +180,21 @@ def speculative_rounds(
         target_cache = make_speculative_cache(target, max_kv_size=options.max_kv_size)
     if draft_cache is None:
         draft_cache = make_speculative_cache(draft, max_kv_size=options.max_kv_size)
+    quantization = options.kv_quantization
+    for model, cache in ((target, target_cache), (draft, draft_cache)):
+        prepare_speculative_cache(cache)
+        if quantization is not None:
+            quantization.check(model, cache)
+    # K never exceeds what every windowed layer can roll back.
+    limits = [x for x in (rollback_limit(target_cache), rollback_limit(draft_cache)) if x is not None]
+    target_rewind = CacheRewinder(target, target_cache)
+    draft_rewind = CacheRewinder(draft, draft_cache)
 
     history = list(prompt_tokens)
     process = _Processor(options, history)
     prompt = mx.array(history, mx.uint32)
-    _prefill(target, target_cache, prompt[:-1])
-    _prefill(draft, draft_cache, prompt[:-1])
+    _prefill(target, target_cache, prompt[:-1], quantization)
+    _prefill(draft, draft_cache, prompt[:-1], quantization)
     # Tokens each model has yet to see: the target always lags by the last emitted
     # token; the draft lags by one more after a round where every draft survived.
     target_pending = history[-1:]
@@ -171,12 +203,21 @@ def speculative_rounds(
 
     while produced < max_tokens:
         started = time.perf_counter()
-        k = max(0, min(policy.next_k(), max_tokens - produced - 1))
+        k = max(0, min(policy.next_k(), max_tokens - produced - 1, *limits))
+        if quantization is not None:
+            quantization.apply(target_cache)
+            quantization.apply(draft_cache)
+            # One target call must not cross the token where quantization starts.
+            room = quantization.room(target_cache)
+            if room is not None:
+                k = min(k, room - len(target_pending))
 
         drafted: list[mx.array] = []
         draft_logits: list[mx.array] = []
         y = mx.array(draft_pending, mx.uint32)
+        draft_rewind.reset()
         for _ in range(k):
+            draft_rewind.checkpoint()
             logits = process(draft(y[None], cache=draft_cache)[0, -1], drafted)
             token = _draw(logits, options)
             mx.async_eval(token)
@@ -190,6 +231,8 @@ def speculative_rounds(
             drafted_at = time.perf_counter()
 
         verify_in = mx.concatenate([mx.array(target_pending, mx.uint32), d_tokens])
+        target_rewind.reset()
+        target_rewind.checkpoint()
         raw = target(verify_in[None], cache=target_cache)[0, -(k + 1) :]
         if options.logits_processors or options.logits_filter is not None:
             t_logits = mx.stack([process(raw[i], drafted[:i]) for i in range(k + 1)])
@@ -214,13 +257,14 @@ def speculative_rounds(
         draft_list = host_ints(d_tokens)
         finished = time.perf_counter()
 
-        trim_cache(target_cache, k - n)
+        target_rewind.rewind(verify_in, len(target_pending) + n)
         if k == 0:
             draft_pending = draft_pending + emitted
         elif n == k:
             draft_pending = [draft_list[-1], emitted[-1]]
         else:
-            trim_cache(draft_cache, k - 1 - n)
+            # The draft saw d_1 .. d_{k-1}; back to the checkpoint after d_n.
+            draft_rewind.rewind(d_tokens[n : k - 1], 0, since=n + 1)
             draft_pending = emitted[-1:]
         target_pending = emitted[-1:]
         policy.update(k, n)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from speclora.cache import DEFAULT_HEADROOM
+from speclora.cache import DEFAULT_HEADROOM, SINK_TOKENS, KVQuantization
 from speclora.decoding import LoopOptions, speculative_rounds
 from speclora.drafting import (
     AdaptiveDraftLength,
@@ -54,7 +54,15 @@ class SpeculativeDecoder:
           template when it has one. Default: ``True``.
         stop_tokens (Iterable[int], optional): Extra token ids that end generation
           (the tokenizer's EOS ids always do).
-        max_kv_size (int, optional): Sliding-window size of the KV caches.
+        max_kv_size (int, optional): Sliding-window size of the full-attention KV
+          caches, greater than 4 (the first 4 tokens stay visible, as in mlx-lm).
+          Outputs are those of mlx-lm's ``RotatingKVCache(max_kv_size, keep=4)``
+          fed one token at a time.
+        kv_bits (int, optional): Quantize the KV caches as mlx-lm's ``kv_bits``
+          does. Default: ``None`` (no quantization).
+        kv_group_size (int): Group size of KV quantization. Default: ``64``.
+        quantized_kv_start (int): Cache length at which KV quantization starts.
+          Default: ``5000``.
         profile (bool): Time drafting and verification apart (one extra
           synchronisation per round). Default: ``False``.
     """
@@ -76,6 +84,9 @@ class SpeculativeDecoder:
         use_chat_template: bool = True,
         stop_tokens: Iterable[int] | None = None,
         max_kv_size: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 5000,
         profile: bool = False,
     ) -> None:
         if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int):
@@ -85,8 +96,11 @@ class SpeculativeDecoder:
             raise ValueError(f"num_draft_tokens must be in [0, {DEFAULT_HEADROOM}], got {num_draft_tokens}")
         if adaptive_draft and not 1 <= max_draft_tokens <= DEFAULT_HEADROOM:
             raise ValueError(f"max_draft_tokens must be in [1, {DEFAULT_HEADROOM}], got {max_draft_tokens}")
-        if max_kv_size is not None and max_kv_size < 1:
-            raise ValueError(f"max_kv_size must be >= 1 or None, got {max_kv_size}")
+        if max_kv_size is not None and max_kv_size <= SINK_TOKENS:
+            raise ValueError(f"max_kv_size must be > {SINK_TOKENS} or None, got {max_kv_size}")
+        self.kv_quantization = (
+            None if kv_bits is None else KVQuantization(kv_bits, kv_group_size, quantized_kv_start)
+        )
         self.target_model = target_model
         self.draft_model = draft_model
         self.tokenizer = tokenizer
@@ -184,6 +198,7 @@ class SpeculativeDecoder:
             logits_filter=make_logits_filter(sampling, self.vocab_size),
             stop_tokens=self.stop_tokens,
             max_kv_size=self.max_kv_size,
+            kv_quantization=self.kv_quantization,
             profile=self.profile,
         )
         recorder = self._recorder(sampling.temperature)
