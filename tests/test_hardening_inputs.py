@@ -471,7 +471,8 @@ API_CASES: dict[
         ValueError,
         "mode must be one of .* got 'FAST'",
     ),
-    "None mode": (lambda s, t: s.generate("hi", mode=None), ValueError, "got None"),
+    # (mode=None means generation.mode.)
+    "integer mode": (lambda s, t: s.generate("hi", mode=1), ValueError, "got 1"),
     "non-string in a batch": (
         lambda s, t: s.batch_generate(["hi", 3], show_progress=False),
         ValueError,

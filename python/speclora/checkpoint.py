@@ -35,7 +35,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,12 @@ _WRITING = ".writing"
 _OLD_PREFIX = ".old-"
 _REPLACED = "-replaced-"
 _LINK_PREFIX = ".link-"  # a new alias link before it replaces the alias
+_POINTER_LOCK = ".active.lock"  # serialises changes of active/previous
+
+ACTIVE_ALIAS = "active"
+"""The adapter every system on this directory serves unless its config pins one."""
+PREVIOUS_ALIAS = "previous"
+"""What ``active`` named before its last change (for rolling back)."""
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +238,18 @@ def save_adapter_checkpoint(
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "version": CHECKPOINT_FORMAT_VERSION,
     }
+
+    def write(version: Path) -> None:
+        _write_weights(version / ADAPTER_WEIGHTS_FILE, weights)
+        _write_json(version / ADAPTER_CONFIG_FILE, adapter_config)
+        _write_json(version / TRAINING_STATE_FILE, full_state)
+
+    _publish_new_version(path, write)
+    return path
+
+
+def _publish_new_version(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a new version with ``write(version_dir)`` and make alias ``path`` name it."""
     root = path.parent
     name = f"{path.name}-{uuid.uuid4().hex[:12]}"
     version = root / VERSIONS_DIR / name
@@ -247,9 +265,7 @@ def save_adapter_checkpoint(
                 raise OSError(errno.EACCES, "cannot create the writer's lock file", str(writing))
             try:
                 version.mkdir()
-                _write_weights(version / ADAPTER_WEIGHTS_FILE, weights)
-                _write_json(version / ADAPTER_CONFIG_FILE, adapter_config)
-                _write_json(version / TRAINING_STATE_FILE, full_state)
+                write(version)
                 _fsync_path(version, directory=True)
                 os.symlink(os.path.join(VERSIONS_DIR, name), link)
                 _publish(link, path)
@@ -278,7 +294,98 @@ def save_adapter_checkpoint(
         recover_checkpoint_dir(root)
     except RuntimeError as e:
         logger.warning("%s", e)
-    return path
+
+
+def _version_of(alias: Path) -> str | None:
+    """The version an alias link of this directory names, or None."""
+    return Path(os.readlink(alias)).name if _is_published_link(alias) else None
+
+
+def _relink(alias: Path, version: str) -> None:
+    """Atomically make ``alias`` name the existing version ``version``."""
+    link = alias.parent / f"{_LINK_PREFIX}{alias.name}-{uuid.uuid4().hex[:12]}"
+    os.symlink(os.path.join(VERSIONS_DIR, version), link)
+    try:
+        _publish(link, alias)
+    except BaseException:
+        link.unlink(missing_ok=True)
+        raise
+
+
+def set_active(checkpoint_dir: str | Path, source: str | Path) -> Path:
+    """Make ``active`` name the checkpoint ``source`` names now; ``previous``
+    then names what ``active`` named before.
+
+    ``source`` is an alias of ``checkpoint_dir`` (``best``, ``previous``, ...)
+    or any adapter directory, which is copied in as a new version. The two
+    links change under an exclusive lock, so concurrent calls do not interleave;
+    loaders never see either link missing.
+
+    Args:
+        checkpoint_dir (str | Path): The checkpoint directory.
+        source (str | Path): An alias name or an adapter directory.
+
+    Returns:
+        Path: The version directory ``active`` now names.
+
+    Raises:
+        RuntimeError: ``source`` is not a readable adapter, or a link cannot be
+            written; the message names it.
+    """
+    root = Path(checkpoint_dir).expanduser()
+    src = root / source if isinstance(source, str) and os.sep not in source else Path(source)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with _flock(root / _POINTER_LOCK, fcntl.LOCK_EX, create=True):
+            version = _version_of(src) if src.parent == root else None
+            if version is None:
+                if not (src / ADAPTER_WEIGHTS_FILE).is_file():
+                    raise RuntimeError(f"No adapter at {src}: it has no {ADAPTER_WEIGHTS_FILE}")
+                imported = root / f"{ACTIVE_ALIAS}-import"
+                with reading(src) as files:
+                    _publish_new_version(imported, lambda v: _copy_adapter(files, v))
+                version = _version_of(imported)
+                assert version is not None
+            current = _version_of(root / ACTIVE_ALIAS)
+            if current is not None and current != version:
+                _relink(root / PREVIOUS_ALIAS, current)
+            _relink(root / ACTIVE_ALIAS, version)
+            # Only now, with active naming it, may the import's own name go.
+            (root / f"{ACTIVE_ALIAS}-import").unlink(missing_ok=True)
+            _fsync_path(root, directory=True)
+    except OSError as e:
+        raise RuntimeError(f"Failed to make {src} the active adapter in {root}: {e}") from e
+    return root / VERSIONS_DIR / version
+
+
+def _copy_adapter(source: Path, version: Path) -> None:
+    for name in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, TRAINING_STATE_FILE):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, version / name)
+            _fsync_path(version / name)
+
+
+def list_checkpoints(checkpoint_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Every alias of ``checkpoint_dir`` with the version it names and its state.
+
+    Returns:
+        dict: alias -> ``{"version", "path", "state"}`` (``state`` is the
+        training state, or ``{"error": ...}`` when it cannot be read).
+    """
+    root = Path(checkpoint_dir).expanduser()
+    found: dict[str, dict[str, Any]] = {}
+    if not root.is_dir():
+        return found
+    for alias in sorted(root.iterdir(), key=lambda p: p.name):
+        if alias.name.startswith(".") or not (alias.is_dir() or alias.is_symlink()):
+            continue
+        with reading(alias) as source:
+            try:
+                state: dict[str, Any] = read_training_state(source)
+            except RuntimeError as e:
+                state = {"error": str(e)}
+            found[alias.name] = {"version": source.name, "path": str(source), "state": state}
+    return found
 
 
 def _writer_alive(versions: Path, name: str) -> bool:

@@ -24,8 +24,14 @@ from typing import Any, ClassVar, Self, TypeGuard
 
 import yaml
 
-ADAPTER_ALIASES = ("best", "final", "latest")
-"""Names of the checkpoints the trainer writes under ``training.checkpoint_dir``."""
+ADAPTER_ALIASES = ("active", "previous", "best", "final", "latest")
+"""Names of the checkpoints under ``training.checkpoint_dir``: the trainer writes
+best/final/latest; active is the promoted adapter that systems serve, previous
+the one before it."""
+
+BASE_DRAFT = "base"
+"""``models.draft_adapter`` value that pins the base draft (no adapter, not even
+the active one)."""
 
 GENERATION_MODES = ("fast", "detailed")
 MODEL_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -394,8 +400,9 @@ class ModelsConfig(_Section):
     draft_adapter: str | None = _opt(
         None,
         _Str(nullable=True),
-        "LoRA adapter loaded into the draft at initialize if it exists: a directory, or "
-        "best/final/latest under training.checkpoint_dir.",
+        "Adapter to serve: null = the active one under training.checkpoint_dir (the "
+        "last promoted, followed as it changes), base = none, or a fixed directory or "
+        "alias (active/previous/best/final/latest).",
     )
     dtype: str = _opt(
         "auto",
@@ -413,7 +420,7 @@ class ModelsConfig(_Section):
                 continue
             if _is_path_like(ref) or (base_dir / ref).exists():
                 setattr(self, name, _absolute(ref, base_dir))
-        if self.draft_adapter is not None and self.draft_adapter not in ADAPTER_ALIASES:
+        if self.draft_adapter not in (None, BASE_DRAFT, *ADAPTER_ALIASES):
             self.draft_adapter = _absolute(self.draft_adapter, base_dir)
 
 
@@ -612,6 +619,12 @@ class TrainingConfig(_Section):
         1.0,
         _Number(0.0, _MAX_GRAD_CLIP, lo_open=True, nullable=True),
         "Clip the gradient norm to this value; null disables clipping.",
+    )
+    auto: bool = _opt(
+        False,
+        _Bool(),
+        "Train in the background, without pausing generation, whenever detailed "
+        "generations have collected min_examples failures.",
     )
 
 

@@ -2,14 +2,17 @@
 
 The online-learning loop: detailed generations record where the draft and the target
 disagree; those whose acceptance falls below the threshold are stored as failures;
-``train()`` fits a LoRA adapter on them (plus a replay buffer), hot-swaps it into the
-draft, and hands the failures over to the replay buffer.
+``train()`` fits a LoRA adapter on a copy of the draft (plus a replay buffer),
+promotes it when it is not worse than the serving one (see :mod:`speclora.learning`),
+hot-swaps it into the draft between generations, and hands the failures over to the
+replay buffer.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,7 +21,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from speclora.config import ADAPTER_ALIASES, Config
+from speclora.checkpoint import ACTIVE_ALIAS
+from speclora.config import ADAPTER_ALIASES, BASE_DRAFT, Config
+from speclora.learning import BackgroundTraining, train_and_promote
+from speclora.training import check_overrides
 from speclora.data_collector import DataCollector, TrainingExample, pair_fingerprint
 from speclora.models import ModelManager
 from speclora.results import GenerationResult
@@ -53,6 +59,17 @@ class SpeculativeDecodingSystem:
         self.generation_count = 0
         self.last_result: GenerationResult | None = None
         self._adapter_path: Path | None = None
+        # Serve what checkpoint_dir's "active" names unless an adapter is pinned
+        # (by models.draft_adapter, or by load_adapter / unload_adapter).
+        self._follow_active_adapter = self.config.models.draft_adapter is None
+        self._training: BackgroundTraining | None = None
+        self._training_stats: dict[str, Any] = {
+            "running": False,
+            "runs": 0,
+            "promotions": 0,
+            "last": None,
+            "last_error": None,
+        }
         self._tokens = 0
         self._decode_seconds = 0.0
         self._accepted_length_sum = 0.0
@@ -108,9 +125,10 @@ class SpeculativeDecodingSystem:
                 pair=pair_fingerprint(manager.tokenizer.get_vocab()),
             )
             self.manager = manager
-            if self.config.models.draft_adapter is not None:
-                if not self._load_adapter(self.config.models.draft_adapter):
-                    logger.info("configured adapter %s does not exist yet", self.config.models.draft_adapter)
+            pinned = self.config.models.draft_adapter
+            if pinned not in (None, BASE_DRAFT) and not self._load_adapter(pinned):
+                logger.info("configured adapter %s does not exist yet", pinned)
+            self._follow_active()
 
     @staticmethod
     def _stop_token_ids(tokenizer: Any, stop_tokens: Sequence[str]) -> list[int]:
@@ -153,7 +171,7 @@ class SpeculativeDecodingSystem:
     def generate(
         self,
         prompt: str,
-        mode: str = "fast",
+        mode: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
     ) -> str:
@@ -161,9 +179,9 @@ class SpeculativeDecodingSystem:
 
         Args:
             prompt (str): The user prompt (chat template applied when configured).
-            mode (str): ``"fast"``, or ``"detailed"`` to record disagreements and
-              collect the generation when its acceptance is below the threshold.
-              Default: ``"fast"``.
+            mode (str, optional): ``"fast"``, or ``"detailed"`` to record
+              disagreements and collect the generation when its acceptance is
+              below the threshold. Default: ``generation.mode``.
             max_tokens (int, optional): Overrides ``generation.max_tokens``.
             temperature (float, optional): Overrides ``generation.temperature``.
 
@@ -180,12 +198,13 @@ class SpeculativeDecodingSystem:
         self,
         prompt: str,
         *,
-        mode: str = "fast",
+        mode: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
     ) -> GenerationResult:
         """Like :meth:`generate`, returning the full :class:`GenerationResult`."""
         self._require_initialized()
+        mode = self.config.generation.mode if mode is None else mode
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         if mode not in MODES:
@@ -207,6 +226,10 @@ class SpeculativeDecodingSystem:
         prompt_tokens = decoder.encode_prompt(prompt)
         self.manager.check_fits(len(prompt_tokens), max_tokens, g.memory_limit_gb)
         with self._exclusive("generate"):
+            # Between generations, never inside one: a finished background run
+            # and a newly promoted adapter take effect here.
+            self._poll_training()
+            self._follow_active()
             try:
                 result = decoder.generate(prompt_tokens, max_tokens, temperature=temperature, seed=g.seed)
             except (ValueError, MemoryError):
@@ -216,6 +239,7 @@ class SpeculativeDecodingSystem:
             self._account(result)
             if mode == "detailed":
                 self._collect(prompt, result)
+                self._maybe_train_automatically()
         return result
 
     def _account(self, result: GenerationResult) -> None:
@@ -246,14 +270,19 @@ class SpeculativeDecodingSystem:
         )
 
     def batch_generate(
-        self, prompts: Sequence[str], mode: str = "fast", show_progress: bool = True
+        self,
+        prompts: Sequence[str],
+        mode: str | None = None,
+        show_progress: bool | None = None,
     ) -> list[str]:
         """Generate a reply for each prompt, in order.
 
         Args:
             prompts (Sequence[str]): The prompts.
-            mode (str): ``"fast"`` or ``"detailed"``. Default: ``"fast"``.
-            show_progress (bool): Show a tqdm progress bar. Default: ``True``.
+            mode (str, optional): ``"fast"`` or ``"detailed"``.
+              Default: ``generation.mode``.
+            show_progress (bool, optional): Show a tqdm progress bar.
+              Default: ``logging.show_progress``.
 
         Returns:
             list[str]: One reply per prompt.
@@ -262,78 +291,177 @@ class SpeculativeDecodingSystem:
             raise ValueError("prompts must be a list of strings")
         from tqdm.auto import tqdm
 
+        if show_progress is None:
+            show_progress = self.config.logging.show_progress
+        mode = self.config.generation.mode if mode is None else mode
         bar = tqdm(prompts, desc=f"generate ({mode})", unit="prompt", disable=not show_progress)
         return [self.generate(p, mode=mode) for p in bar]
 
     # -- training ------------------------------------------------------------------
 
-    def train(self, num_epochs: int | None = None, learning_rate: float | None = None) -> dict[str, Any]:
-        """Train a LoRA adapter on the collected failures and hot-swap it in.
+    def train(
+        self,
+        num_epochs: int | None = None,
+        learning_rate: float | None = None,
+        *,
+        background: bool = False,
+    ) -> dict[str, Any]:
+        """Train a LoRA adapter on the collected failures; serve it if it is not worse.
 
-        Continues from the loaded adapter when there is one. On success the failures
-        move to the replay buffer and the new best adapter drives the draft.
+        A copy of the draft (with the serving adapter) trains; the result is judged
+        against the serving adapter on held-out data and, when at least as good,
+        promoted: ``active`` under ``training.checkpoint_dir`` names it and this
+        system (and every system following ``active``) serves it. Either way the
+        failures move to the replay buffer.
 
         Args:
             num_epochs (int, optional): Overrides ``training.num_epochs``.
             learning_rate (float, optional): Overrides ``training.learning_rate``.
+            background (bool): Train in a child process and return at once;
+              generation goes on meanwhile and a promoted adapter is swapped in
+              between generations. ``get_stats()["training"]`` and
+              :meth:`wait_for_training` report the outcome. Default: ``False``.
 
         Returns:
-            dict: ``final_loss``, ``best_loss``, ``global_step``, ``checkpoint_path``
-            and the trainer's other figures.
+            dict: ``final_loss``, ``best_loss``, ``global_step``, ``checkpoint_path``,
+            ``promoted`` (bool), ``promotion`` (why) and the trainer's other
+            figures; with ``background=True``, ``{"started": True}``.
 
         Raises:
             ValueError: fewer failures than ``training.min_examples``, or bad overrides.
-            RuntimeError: training failed (the previous adapter stays in use).
+            RuntimeError: training failed or another run is in progress (the
+              serving adapter stays in use).
         """
         self._require_initialized()
         assert self.manager is not None and self.collector is not None
-        assert self.fast_decoder is not None
-        from speclora.training import LoRATrainer
-
+        check_overrides(num_epochs, learning_rate)
         with self._exclusive("train"):
-            failures = self.collector.load_failures()
-            need = self.config.training.min_examples
-            if len(failures) < need:
-                raise ValueError(
-                    f"not enough training data: {len(failures)} failures collected, "
-                    f"training.min_examples is {need}"
-                )
-            replay = self.collector.load_replay_buffer()
-            student = self.manager.training_copy_of_draft()
-            loaded = self.manager.loaded_adapter(self.fast_decoder.draft_model)
-            trainer = LoRATrainer(
-                student,
-                self.manager.tokenizer,
-                self.config.training.to_dict(),
-                show_progress=self.config.logging.show_progress,
-            )
+            if background:
+                self._start_training(num_epochs, learning_rate)
+                return {"started": True}
+            before = self._active_version()
             try:
-                results = trainer.train(
-                    failures,
-                    replay,
+                results = train_and_promote(
+                    self.config,
+                    self.manager,
+                    self.collector,
+                    self._serving_weights(),
                     num_epochs=num_epochs,
                     learning_rate=learning_rate,
-                    resume_from=loaded[1] if loaded else None,
                 )
-            except (ValueError, RuntimeError):
+            except (ValueError, RuntimeError) as e:
+                self._training_stats["last_error"] = str(e)
                 raise
             except Exception as e:
+                self._training_stats["last_error"] = str(e)
                 raise RuntimeError(f"training failed: {e}") from e
-            self._swap_adapter(Path(results["checkpoint_path"]))
-            self.collector.consume_failures(f.id for f in failures)
+            finally:
+                # A promotion stands even if a later step (handing the failures
+                # over) failed: serve it.
+                if self._active_version() != before:
+                    self._follow_active_adapter = True
+                self._follow_active()
+            self._record_training(results)
         return results
+
+    def wait_for_training(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """Wait for the background training run, if one is running.
+
+        Returns:
+            dict: ``get_stats()["training"]`` after the run ended (or after
+            ``timeout`` seconds), ``None`` when no run was started.
+        """
+        if self._training is None and not self._training_stats["runs"]:
+            return None
+        if self._training is not None:
+            self._training.wait(timeout)
+            self._poll_training()
+        return dict(self._training_stats)
+
+    def _serving_weights(self) -> Mapping[str, Any] | None:
+        assert self.manager is not None and self.fast_decoder is not None
+        loaded = self.manager.loaded_adapter(self.fast_decoder.draft_model)
+        return loaded[1] if loaded else None
+
+    def _start_training(self, num_epochs: int | None, learning_rate: float | None) -> None:
+        assert self.collector is not None
+        self._poll_training()
+        if self._training is not None:
+            raise RuntimeError("a background training run of this system is already in progress")
+        have, need = self.collector.failure_count, self.config.training.min_examples
+        if have < need:
+            raise ValueError(
+                f"not enough training data: {have} failures collected, training.min_examples is {need}"
+            )
+        self._training = BackgroundTraining(
+            self.config, self._serving_weights(), num_epochs=num_epochs, learning_rate=learning_rate
+        )
+        self._training_stats.update(running=True)
+
+    def _maybe_train_automatically(self) -> None:
+        """With ``training.auto``, start a background run once enough failures wait."""
+        assert self.collector is not None
+        if (
+            self.config.training.auto
+            and self._training is None
+            and self.collector.failure_count >= self.config.training.min_examples
+        ):
+            try:
+                self._start_training(None, None)
+            except (ValueError, RuntimeError) as e:
+                logger.warning("automatic training not started: %s", e)
+
+    def _poll_training(self) -> None:
+        """Record the outcome of a finished background run."""
+        if self._training is None or (outcome := self._training.poll()) is None:
+            return
+        self._training = None
+        self._training_stats["running"] = False
+        kind, payload = outcome
+        if kind == "ok":
+            self._record_training(payload)
+            if payload["promoted"]:
+                self._follow_active_adapter = True
+        else:
+            self._training_stats["runs"] += 1
+            self._training_stats["last_error"] = payload
+            logger.error("background training failed: %s", payload)
+
+    def _record_training(self, results: Mapping[str, Any]) -> None:
+        stats = self._training_stats
+        stats["runs"] += 1
+        stats["promotions"] += bool(results["promoted"])
+        stats["last_error"] = None
+        stats["last"] = {
+            k: results.get(k)
+            for k in (
+                "promoted",
+                "promotion",
+                "initial_eval_match",
+                "best_eval_match",
+                "best_loss",
+                "global_step",
+                "failures_consumed",
+                "elapsed_s",
+            )
+        }
 
     # -- adapters ------------------------------------------------------------------
 
     def load_adapter(self, path: str = "best") -> bool:
         """Load an adapter into the draft (fused), replacing any loaded one.
 
+        The system then keeps this adapter (it stops following ``active``) until
+        :meth:`train` promotes a new one.
+
         Args:
-            path (str): A checkpoint directory, or ``"best"``, ``"final"``, ``"latest"``
-              under ``training.checkpoint_dir``. Default: ``"best"``.
+            path (str): A checkpoint directory, or an alias under
+              ``training.checkpoint_dir`` (``"active"``, ``"previous"``, ``"best"``,
+              ``"final"``, ``"latest"``). Default: ``"best"``.
 
         Returns:
-            bool: ``True`` when loaded; ``False`` when no such checkpoint exists yet.
+            bool: ``True`` when loaded; ``False`` when no such checkpoint exists
+            (yet); the draft keeps its previous weights.
 
         Raises:
             RuntimeError: the checkpoint exists but cannot be loaded (the draft keeps
@@ -341,18 +469,39 @@ class SpeculativeDecodingSystem:
         """
         self._require_initialized()
         with self._exclusive("load_adapter"):
-            return self._load_adapter(path)
+            loaded = self._load_adapter(path)
+            if loaded:
+                self._follow_active_adapter = False
+            return loaded
 
     def _load_adapter(self, path: str) -> bool:
         assert self.manager is not None
         if not isinstance(path, str) or not path:
             raise ValueError(f"adapter path must be a non-empty string, got {path!r}")
-        resolved = self.manager.resolve_adapter_path(path, self.config.training.checkpoint_dir)
+        try:
+            resolved = self.manager.resolve_adapter_path(path, self.config.training.checkpoint_dir)
+        except RuntimeError as e:  # a bare name found nowhere: missing, like a missing path
+            logger.warning("%s", e)
+            return False
         if not resolved.exists():
             logger.warning("no adapter at %s", resolved)
             return False
         self._swap_adapter(resolved)
         return True
+
+    def _active_version(self) -> Path | None:
+        active = Path(self.config.training.checkpoint_dir).expanduser() / ACTIVE_ALIAS
+        return Path(os.path.realpath(active)) if os.path.lexists(active) else None
+
+    def _follow_active(self) -> None:
+        """Serve what ``active`` names now, unless an adapter is pinned."""
+        active = self._active_version()
+        if not self._follow_active_adapter or active is None or active == self._adapter_path:
+            return
+        try:
+            self._swap_adapter(Path(self.config.training.checkpoint_dir).expanduser() / ACTIVE_ALIAS)
+        except RuntimeError as e:
+            logger.warning("keeping the current adapter: the active one cannot be loaded: %s", e)
 
     def _swap_adapter(self, path: Path) -> None:
         assert self.manager is not None and self.fast_decoder is not None
@@ -365,6 +514,9 @@ class SpeculativeDecodingSystem:
     def unload_adapter(self) -> bool:
         """Restore the draft's base weights.
 
+        The system then serves the base draft (it stops following ``active``)
+        until :meth:`train` promotes a new adapter.
+
         Returns:
             bool: ``True`` if an adapter was unloaded, ``False`` if none was loaded.
         """
@@ -373,6 +525,7 @@ class SpeculativeDecodingSystem:
         with self._exclusive("unload_adapter"):
             unloaded = self.manager.unload_lora_adapter(self.fast_decoder.draft_model)
             self._adapter_path = None
+            self._follow_active_adapter = False
             if unloaded:
                 self.tracker.reset_recent()
             return unloaded
@@ -386,8 +539,15 @@ class SpeculativeDecodingSystem:
     # -- statistics ----------------------------------------------------------------
 
     def get_stats(self) -> dict[str, Any]:
-        """Counters of this system (see the API reference for the keys)."""
+        """Counters of this system (see the API reference for the keys).
+
+        Beyond the reference: ``training`` (``running``, ``runs``, ``promotions``,
+        ``last``: the last run's promotion decision and figures, ``last_error``)
+        and ``active_adapter`` (the version ``active`` names, or ``None``).
+        """
+        self._poll_training()
         collector = self.collector
+        active = self._active_version()
         return {
             "generation_count": self.generation_count,
             "tracker": self.tracker.as_dict(),
@@ -400,6 +560,8 @@ class SpeculativeDecodingSystem:
             ),
             "tokens_per_second": self._tokens / self._decode_seconds if self._decode_seconds else 0.0,
             "total_tokens": self._tokens,
+            "training": dict(self._training_stats),
+            "active_adapter": str(active) if active else None,
         }
 
 

@@ -244,6 +244,24 @@ def _distill_loss_terms(
     return (target_p * (target_logp - log_q)).sum(axis=-1)
 
 
+def check_overrides(num_epochs: int | None, learning_rate: float | None) -> None:
+    """Refuse per-call overrides of ``training.num_epochs`` / ``learning_rate``.
+
+    Raises:
+        ValueError: naming the argument and its value.
+    """
+    if num_epochs is not None and (
+        isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1
+    ):
+        raise ValueError(f"num_epochs must be an int >= 1, got {num_epochs!r}")
+    if learning_rate is not None and (
+        isinstance(learning_rate, bool)
+        or not isinstance(learning_rate, (int, float))
+        or not (math.isfinite(learning_rate) and learning_rate > 0)
+    ):
+        raise ValueError(f"learning_rate must be a finite float > 0, got {learning_rate!r}")
+
+
 class LoRATrainer:
     """Train LoRA adapters on the draft model from collected failures.
 
@@ -520,6 +538,21 @@ class LoRATrainer:
             loss += self.config.distill_weight * kl_sum / max(n_dis, 1.0)
         return float(loss)
 
+    def _match_rate(self, seqs: Sequence[_Sequence]) -> float:
+        """Share of output tokens the draft predicts exactly (its argmax given the
+        true prefix): the per-token acceptance rate of greedy speculation."""
+        self.model.eval()
+        hits = total = 0.0
+        bs = self.config.batch_size
+        for i in range(0, len(seqs), bs):
+            inputs, targets, ce_mask, *_ = self._batch(seqs[i : i + bs], self._top_k(seqs))
+            predicted = mx.argmax(self.model(inputs), axis=-1)
+            counts = ((predicted == targets) * ce_mask).sum(), ce_mask.sum()
+            mx.eval(counts)
+            hits += float(np.asarray(counts[0]))
+            total += float(np.asarray(counts[1]))
+        return hits / total if total else math.nan
+
     @staticmethod
     def _top_k(seqs: Sequence[_Sequence]) -> int:
         return max((len(ids) for s in seqs for ids in s.distill_ids), default=1)
@@ -615,8 +648,9 @@ class LoRATrainer:
     ) -> dict[str, Any]:
         """Train the LoRA layers on failures plus replayed past examples.
 
-        A held-out ``eval_fraction`` of ``training_examples`` (at least one when
-        there are two or more) is scored after every epoch; the lowest score
+        A held-out ``eval_fraction`` of ``training_examples`` and of
+        ``replay_buffer`` (at least one of each when there are two or more) is
+        scored after every epoch; the lowest score
         decides ``best`` (the mean training loss of the epoch when nothing is
         held out). Each epoch mixes in
         ``round(replay_ratio * n / (1 - replay_ratio))`` examples drawn from
@@ -644,7 +678,10 @@ class LoRATrainer:
             ``checkpoint_path`` (the ``best`` directory), ``final_path``,
             ``latest_path``, ``losses`` (per step), ``eval_losses`` (per epoch;
             empty when nothing is held out), ``initial_eval_loss`` (before
-            training, or ``None``), ``train_loss`` (last epoch's mean),
+            training, or ``None``), ``initial_eval_match`` and
+            ``best_eval_match`` (share of held-out output tokens the draft
+            predicts exactly before training and at the best checkpoint, or
+            ``None``), ``train_loss`` (last epoch's mean),
             ``num_examples`` (failures trained on), ``num_eval`` (held out),
             ``num_replay`` (replayed per epoch), ``elapsed_s``.
 
@@ -661,21 +698,14 @@ class LoRATrainer:
         """
         cfg = self.config
         start = time.perf_counter()
+        check_overrides(num_epochs, learning_rate)
+        epochs = cfg.num_epochs if num_epochs is None else num_epochs
+        lr = cfg.learning_rate if learning_rate is None else learning_rate
         if len(training_examples) < cfg.min_examples:
             raise ValueError(
                 f"Not enough training examples: have {len(training_examples)}, need at "
                 f"least {cfg.min_examples} (training.min_examples)"
             )
-        epochs = cfg.num_epochs if num_epochs is None else num_epochs
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"num_epochs must be an int >= 1, got {epochs!r}")
-        lr = cfg.learning_rate if learning_rate is None else learning_rate
-        if (
-            isinstance(lr, bool)
-            or not isinstance(lr, (int, float))
-            or not (math.isfinite(lr) and lr > 0)
-        ):
-            raise ValueError(f"learning_rate must be a finite float > 0, got {lr!r}")
 
         seqs, train_ids = self._prepare_all(training_examples, "training examples")
         if not seqs:
@@ -695,6 +725,10 @@ class LoRATrainer:
         rng = np.random.default_rng(cfg.seed)
         mx.random.seed(cfg.seed)
         train_set, eval_set = self._split(seqs, rng)
+        # Past examples are held out too, so that the best checkpoint (and the
+        # promotion gate) also answers "did it forget what it knew?".
+        replay_seqs, replay_eval = self._split(replay_seqs, rng)
+        eval_set += replay_eval
         num_replay = self._replay_count(len(train_set), len(replay_seqs))
         top_k = self._top_k(seqs + replay_seqs)
         bs = cfg.batch_size
@@ -786,6 +820,8 @@ class LoRATrainer:
         step_fn = mx.compile(step, inputs=compiled_state, outputs=compiled_state)
 
         initial_eval = self._evaluate(eval_set, top_k) if eval_set else None
+        initial_match = self._match_rate(eval_set) if eval_set else None
+        match = best_match = initial_match
         losses: list[float] = []
         eval_losses: list[float] = []
         best: float = math.inf
@@ -837,6 +873,7 @@ class LoRATrainer:
                             f"{epoch}"
                         )
                     eval_losses.append(score)
+                    match = self._match_rate(eval_set)
                 else:
                     score = train_loss
                 logger.info(
@@ -848,6 +885,7 @@ class LoRATrainer:
                 )
                 improved = score < best
                 best = min(best, score)
+                best_match = match if improved else best_match
                 state = {
                     "step": global_step,
                     "epoch": epoch,
@@ -855,6 +893,7 @@ class LoRATrainer:
                     "learning_rate": learning_rate,
                     "train_loss": train_loss,
                     "eval_loss": score if eval_set else None,
+                    "eval_match": match,
                     "best_loss": best,
                     "losses": list(losses),
                     "eval_losses": list(eval_losses),
@@ -889,6 +928,8 @@ class LoRATrainer:
             "losses": losses,
             "eval_losses": eval_losses,
             "initial_eval_loss": initial_eval,
+            "initial_eval_match": initial_match,
+            "best_eval_match": best_match,
             "train_loss": train_loss,
             "num_examples": len(train_set),
             "num_eval": len(eval_set),
