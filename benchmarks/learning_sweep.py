@@ -45,6 +45,8 @@ SWEEP: list[tuple[str, dict[str, Any]]] = [
     ("r16 all lr1e-3 5ep", {"learning_rate": 1e-3, "target_modules": ALL_LINEAR, "rank": 16, "alpha": 32, "num_epochs": 5}),
     ("r16 all lr1e-3 5ep bs2", {"learning_rate": 1e-3, "target_modules": ALL_LINEAR, "rank": 16, "alpha": 32, "num_epochs": 5, "batch_size": 2}),
     ("r32 all lr1e-3 5ep", {"learning_rate": 1e-3, "target_modules": ALL_LINEAR, "rank": 32, "alpha": 64, "num_epochs": 5}),
+    ("r16 all lr1e-3 3ep bs2", {"learning_rate": 1e-3, "target_modules": ALL_LINEAR, "rank": 16, "alpha": 32, "batch_size": 2}),
+    ("r16 all lr5e-4 5ep bs2", {"learning_rate": 5e-4, "target_modules": ALL_LINEAR, "rank": 16, "alpha": 32, "num_epochs": 5, "batch_size": 2}),
 ]
 
 
@@ -118,7 +120,8 @@ def main() -> None:
             "overrides": overrides,
             "train_seconds": seconds,
             "steps": result["global_step"],
-            "promoted": result.get("promoted", True),
+            "promoted": result["promoted"],
+            "promotion": result["promotion"],
             "code_gain": after["acceptance_code"] - base["acceptance_code"],
             "prose_change": after["acceptance_prose"] - base["acceptance_prose"],
             **after,
@@ -144,11 +147,12 @@ def main() -> None:
         f"{args.max_tokens} tokens); acceptance at T=0, K={MEASURE_K} on {args.eval} unseen prompts per domain. "
         f"Base draft: code {base['acceptance_code']:.3f}, prose {base['acceptance_prose']:.3f}.",
         "",
-        "| setting | steps | train s | code | code gain | prose | prose change |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| setting | steps | train s | promoted | code | code gain | prose | prose change |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['name']} | {r['steps']} | {r['train_seconds']:.1f} | {r['acceptance_code']:.3f} | "
+        f"| {r['name']} | {r['steps']} | {r['train_seconds']:.1f} | {'yes' if r['promoted'] else 'no'} | "
+        f"{r['acceptance_code']:.3f} | "
         f"{r['code_gain']:+.3f} | {r['acceptance_prose']:.3f} | {r['prose_change']:+.3f} |"
         for r in rows
     ]

@@ -33,9 +33,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     print(result.text)
     if args.verbose:
+        adapter = system.get_stats()["adapter_path"] or "none (base draft)"
         print(
             f"[{len(result.tokens)} tokens, acceptance {result.acceptance_rate:.1%}, "
-            f"{result.mean_accepted_length:.2f} accepted/round, {result.tokens_per_second:.1f} tok/s]",
+            f"{result.mean_accepted_length:.2f} accepted/round, {result.tokens_per_second:.1f} tok/s, "
+            f"adapter {adapter}]",
             file=sys.stderr,
         )
     return 0
@@ -49,25 +51,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_summaries(checkpoint_dir: str) -> dict[str, dict[str, Any]]:
+    from speclora.checkpoint import list_checkpoints
+
+    keys = ("step", "best_loss", "eval_match", "timestamp", "error")
+    return {
+        alias: {"version": entry["version"], **{k: entry["state"][k] for k in keys if k in entry["state"]}}
+        for alias, entry in list_checkpoints(checkpoint_dir).items()
+    }
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
-    from speclora.checkpoint import read_training_state, reading
-    from speclora.config import ADAPTER_ALIASES, Config
+    from speclora.config import Config
     from speclora.data_collector import DataCollector
 
     cfg = Config.from_dict(_config(args.config))
     c = cfg.collection
     collector = DataCollector(c.data_dir, c.replay_buffer_max_size, c.acceptance_threshold)
-    root = Path(cfg.training.checkpoint_dir).expanduser()
-    checkpoints: dict[str, dict[str, Any] | None] = {}
-    for alias in ADAPTER_ALIASES:
-        try:
-            with reading(root / alias) as source:
-                state = read_training_state(source) if source.is_dir() else None
-            checkpoints[alias] = state and {
-                k: state.get(k) for k in ("step", "best_loss", "timestamp")
-            }
-        except RuntimeError as e:  # reported, so the other aliases still show
-            checkpoints[alias] = {"error": str(e)}
     print(
         json.dumps(
             {
@@ -75,11 +75,33 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 "failure_count": collector.failure_count,
                 "replay_buffer_size": collector.replay_buffer_size,
                 "checkpoint_dir": cfg.training.checkpoint_dir,
-                "checkpoints": checkpoints,
+                "checkpoints": _checkpoint_summaries(cfg.training.checkpoint_dir),
             },
             indent=2,
         )
     )
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from speclora.checkpoint import ACTIVE_ALIAS, PREVIOUS_ALIAS, set_active
+    from speclora.config import Config
+
+    root = Config.from_dict(_config(args.config)).training.checkpoint_dir
+    if args.action == "use":
+        print(f"active: {set_active(root, args.adapter)}")
+    elif args.action == "rollback":
+        if not (Path(root).expanduser() / PREVIOUS_ALIAS).exists():
+            raise RuntimeError(f"nothing to roll back to: {root} has no {PREVIOUS_ALIAS} adapter")
+        print(f"active: {set_active(root, PREVIOUS_ALIAS)}")
+    else:
+        summaries = _checkpoint_summaries(root)
+        if not summaries:
+            print(f"no adapters in {root}")
+        for alias, summary in summaries.items():
+            marker = "*" if alias == ACTIVE_ALIAS else " "
+            figures = ", ".join(f"{k} {v}" for k, v in summary.items() if k != "version")
+            print(f"{marker} {alias:<9} {summary['version']}  {figures}")
     return 0
 
 
@@ -143,19 +165,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("generate", "Generate a reply to one prompt.")
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--mode", choices=["fast", "detailed"], default="fast", help="detailed also collects failures")
+    p.add_argument(
+        "--mode", choices=["fast", "detailed"], help="detailed also collects failures (default: generation.mode)"
+    )
     p.add_argument("--max-tokens", type=int, help="override generation.max_tokens")
     p.add_argument("--temperature", type=float, help="override generation.temperature")
     p.add_argument("-v", "--verbose", action="store_true", help="print acceptance statistics to stderr")
     p.set_defaults(run=cmd_generate)
 
-    p = command("train", "Train a LoRA adapter on the collected failures and save checkpoints.")
+    p = command(
+        "train",
+        "Train a LoRA adapter on the collected failures; make it the active one if it is not worse.",
+    )
     p.add_argument("--epochs", type=int, help="override training.num_epochs")
     p.add_argument("--learning-rate", type=float, help="override training.learning_rate")
     p.set_defaults(run=cmd_train)
 
     p = command("stats", "Show collected failures, replay buffer and checkpoints.")
     p.set_defaults(run=cmd_stats)
+
+    p = command("adapters", "List the adapters under training.checkpoint_dir, switch the active one, roll back.")
+    # --config is accepted after the action too ("adapters list --config FILE").
+    config_too = argparse.ArgumentParser(add_help=False)
+    config_too.add_argument("--config", default=argparse.SUPPRESS, help="YAML config file")
+    action = p.add_subparsers(dest="action", required=True)
+    action.add_parser(
+        "list", parents=[config_too], help="every alias with its training figures (eval_match: acceptance)"
+    )
+    use = action.add_parser(
+        "use", parents=[config_too], help="make an alias (best, final, ...) or an adapter directory active"
+    )
+    use.add_argument("adapter", help="alias or directory")
+    action.add_parser("rollback", parents=[config_too], help="make the previous active adapter active again")
+    p.set_defaults(run=cmd_adapters)
 
     p = command("demo", "Online-learning demo on the shipped model pair (acceptance on code rises).")
     p.add_argument("--workdir", default="speclora-demo", help="where data, checkpoints and the report go")

@@ -79,6 +79,13 @@ def _one_run_at_a_time(checkpoint_dir: Path, *, wait: bool) -> Iterator[None]:
 def judge(results: Mapping[str, Any]) -> tuple[bool, str]:
     """Whether a trained candidate may replace the serving adapter, and why.
 
+    Both are scored on the same held-out tokens: the share the draft predicts
+    exactly (``m``, the per-token acceptance of greedy speculation) and the
+    training loss. Held-out sets are small, so ``m`` is noisy; its noise is
+    taken as two binomial standard errors over the held-out tokens. The
+    candidate is promoted when it predicts clearly more tokens, or when its
+    loss is not higher and it predicts no fewer tokens beyond that noise.
+
     Args:
         results (Mapping): What :meth:`LoRATrainer.train` returned.
 
@@ -88,10 +95,14 @@ def judge(results: Mapping[str, Any]) -> tuple[bool, str]:
     before, after = results["initial_eval_match"], results["best_eval_match"]
     if before is None or after is None or math.isnan(before) or math.isnan(after):
         return True, "promoted without a held-out comparison (nothing was held out)"
-    figures = f"held-out token match {after:.4f} vs {before:.4f} serving"
-    if after > before or (
-        after == before and results["best_loss"] <= results["initial_eval_loss"]
-    ):
+    n = max(int(results["eval_tokens"]), 1)
+    noise = 2.0 * math.sqrt(max(before * (1.0 - before), 1.0 / n) / n)
+    loss_before, loss_after = results["initial_eval_loss"], results["best_loss"]
+    figures = (
+        f"held-out token match {after:.4f} vs {before:.4f} serving (noise {noise:.4f} over "
+        f"{n} tokens), loss {loss_after:.4f} vs {loss_before:.4f}"
+    )
+    if after >= before + noise or (after >= before - noise and loss_after <= loss_before):
         return True, f"promoted: {figures}"
     return False, f"not promoted, kept as candidate 'best': {figures}"
 

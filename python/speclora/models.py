@@ -55,7 +55,7 @@ class _Adapter:
 
     path: Path
     source: Path  # the directory read: what ``path`` named at load time
-    weights: dict[str, mx.array]  # as read, so training can continue from them
+    files: _AdapterFiles  # as read: training continues from these weights
     rank: int
     alpha: float
     target_modules: list[str]
@@ -80,6 +80,34 @@ class _AdapterFiles:
     lora_parameters: dict[str, Any]  # mlx-lm's: rank, scale, dropout[, keys]
     alpha: float
     weights: dict[str, mx.array]
+
+
+# What it takes to restore each model that had an adapter applied, keyed by
+# id(model) and shared by every manager (the trainer looks here too); a
+# finalizer drops the entry when the model dies.
+_STATES: dict[int, _ModelState] = {}
+
+
+def unfuse_adapter(model: nn.Module) -> Path | None:
+    """Turn a fused adapter on ``model`` back into (trainable) LoRA layers.
+
+    Training on top of fused weights would save an adapter that reproduces
+    nothing: the base plus the saved update misses the fused one. Restoring the
+    exact base weights and applying the same adapter unfused gives the trainer
+    what it needs.
+
+    Returns:
+        Path | None: The adapter's path if it was fused, else ``None``.
+    """
+    state = _STATES.get(id(model))
+    if state is None or state.adapter is None or not state.adapter.fused:
+        return None
+    training = model.training
+    _restore(model, state.base_modules, state.base_params)
+    _apply_adapter(model, state.adapter.files, fuse=False)
+    model.train(training)
+    state.adapter.fused = False
+    return state.adapter.path
 
 
 def _parameters(model: nn.Module) -> list[tuple[str, mx.array]]:
@@ -368,8 +396,7 @@ class ModelManager:
         self._tokenizer: TokenizerWrapper | None = None
         self.target_config: dict[str, Any] = {}
         self.draft_config: dict[str, Any] = {}
-        # Keyed by id(model); a finalizer drops the entry when the model dies.
-        self._states: dict[int, _ModelState] = {}
+        self._states = _STATES
         self._longest_token: int | None = None
 
     @property
@@ -683,7 +710,7 @@ class ModelManager:
         state.adapter = _Adapter(
             path=path,
             source=source,
-            weights=files.weights,
+            files=files,
             rank=files.lora_parameters["rank"],
             alpha=files.alpha,
             target_modules=_short_names(converted, files.lora_parameters.get("keys")),
@@ -747,7 +774,7 @@ class ModelManager:
         state = self._states.get(id(model))
         if state is None or state.adapter is None:
             return None
-        return state.adapter.source, state.adapter.weights
+        return state.adapter.source, state.adapter.files.weights
 
     def _state_for(self, model: nn.Module) -> _ModelState:
         key = id(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 
@@ -25,13 +26,16 @@ class AcceptanceTracker:
         self._total += acceptance_rate
         self.total_samples += 1
 
+    # NaN, not 0.0, before any sample: "no data yet" must not read as 0 %
+    # acceptance (right after an adapter swap, say), and NaN still formats and
+    # compares like the float it replaces.
     @property
     def recent_average(self) -> float:
-        return sum(self._recent) / len(self._recent) if self._recent else 0.0
+        return sum(self._recent) / len(self._recent) if self._recent else math.nan
 
     @property
     def overall_average(self) -> float:
-        return self._total / self.total_samples if self.total_samples else 0.0
+        return self._total / self.total_samples if self.total_samples else math.nan
 
     def reset_recent(self) -> None:
         """Forget the window (after an adapter swap, old rates describe another draft)."""

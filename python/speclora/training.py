@@ -32,6 +32,7 @@ from speclora.checkpoint import (
     save_adapter_checkpoint,
 )
 from speclora.config import TrainingConfig
+from speclora.models import unfuse_adapter
 from speclora.records import TrainingExample
 
 logger = logging.getLogger(__name__)
@@ -312,6 +313,9 @@ class LoRATrainer:
         self.model = model
         self.tokenizer = tokenizer
         self.show_progress = show_progress
+        fused = unfuse_adapter(model)
+        if fused is not None:
+            logger.info("training continues from adapter %s, unfused for training", fused)
         self.lora = attach_lora(model, self.config)
         self.checkpoint_dir = Path(self.config.checkpoint_dir).expanduser()
         self._vocab_size: int | None = None
@@ -538,9 +542,10 @@ class LoRATrainer:
             loss += self.config.distill_weight * kl_sum / max(n_dis, 1.0)
         return float(loss)
 
-    def _match_rate(self, seqs: Sequence[_Sequence]) -> float:
+    def _match_rate(self, seqs: Sequence[_Sequence]) -> tuple[float, int]:
         """Share of output tokens the draft predicts exactly (its argmax given the
-        true prefix): the per-token acceptance rate of greedy speculation."""
+        true prefix: the per-token acceptance rate of greedy speculation), and
+        how many tokens that share is over."""
         self.model.eval()
         hits = total = 0.0
         bs = self.config.batch_size
@@ -551,7 +556,7 @@ class LoRATrainer:
             mx.eval(counts)
             hits += float(np.asarray(counts[0]))
             total += float(np.asarray(counts[1]))
-        return hits / total if total else math.nan
+        return (hits / total if total else math.nan), int(total)
 
     @staticmethod
     def _top_k(seqs: Sequence[_Sequence]) -> int:
@@ -681,7 +686,8 @@ class LoRATrainer:
             training, or ``None``), ``initial_eval_match`` and
             ``best_eval_match`` (share of held-out output tokens the draft
             predicts exactly before training and at the best checkpoint, or
-            ``None``), ``train_loss`` (last epoch's mean),
+            ``None``), ``eval_tokens`` (how many held-out output tokens those
+            shares are over), ``train_loss`` (last epoch's mean),
             ``num_examples`` (failures trained on), ``num_eval`` (held out),
             ``num_replay`` (replayed per epoch), ``elapsed_s``.
 
@@ -820,7 +826,7 @@ class LoRATrainer:
         step_fn = mx.compile(step, inputs=compiled_state, outputs=compiled_state)
 
         initial_eval = self._evaluate(eval_set, top_k) if eval_set else None
-        initial_match = self._match_rate(eval_set) if eval_set else None
+        initial_match, eval_tokens = self._match_rate(eval_set) if eval_set else (None, 0)
         match = best_match = initial_match
         losses: list[float] = []
         eval_losses: list[float] = []
@@ -873,7 +879,7 @@ class LoRATrainer:
                             f"{epoch}"
                         )
                     eval_losses.append(score)
-                    match = self._match_rate(eval_set)
+                    match = self._match_rate(eval_set)[0]
                 else:
                     score = train_loss
                 logger.info(
@@ -930,6 +936,7 @@ class LoRATrainer:
             "initial_eval_loss": initial_eval,
             "initial_eval_match": initial_match,
             "best_eval_match": best_match,
+            "eval_tokens": eval_tokens,
             "train_loss": train_loss,
             "num_examples": len(train_set),
             "num_eval": len(eval_set),
