@@ -323,26 +323,54 @@ def test_greedy_is_mlx_lm_greedy(name: str, window: int | None, adaptive: bool) 
     assert result.num_accepted_tokens > 0 and sum(per_position) < result.num_draft_tokens
 
 
-KV_BITS = dict(kv_bits=2, kv_group_size=32, quantized_kv_start=20)
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_draft_proposals_are_the_drafts_own_greedy_tokens(name: str) -> None:
+    """The draft's caches roll back correctly too (outputs alone would not show it:
+    a wrong draft only lowers acceptance). Each round's proposals must be the draft's
+    greedy continuation of the text so far, by mlx-lm from scratch."""
+    target, draft = pair(name)
+    history = prompt_tokens()
+    rounds = speculative_rounds(
+        target,
+        draft,
+        history,
+        max_tokens=MAX_TOKENS // 2,
+        policy=FixedDraftLength(3),
+        options=LoopOptions(),
+    )
+    for r in rounds:
+        if r.drafted:
+            steps = generate_step(mx.array(history, mx.uint32), draft, max_tokens=r.drafted)
+            assert r.draft_tokens == [int(t) for t, _ in steps], r.position
+        history = history + r.tokens
+
+
+KV_BITS = dict(kv_bits=2, kv_group_size=32)
 # mlx-lm fails on these once quantization starts: sliding-window layers have no
 # quantized form, and gemma2's attention cannot read a quantized cache.
 KV_BITS_REFUSED = {"gemma2", "gemma3", "llama-sliding", "recurrent_gemma"}
 
 
+@pytest.mark.parametrize("start", [5, 20], ids=["switch-in-prompt", "switch-in-output"])
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_kv_bits_is_mlx_lm_kv_bits(name: str) -> None:
-    """``kv_bits``: the KV layers turn quantized at the same token as in mlx-lm.
-
-    Quantization starts inside the generation (at position 20), so tokens on both
-    sides of the switch are checked. Where mlx-lm fails once the switch comes, the
-    decode loop refuses before any model call.
+def test_kv_bits_is_mlx_lm_kv_bits(name: str, start: int) -> None:
+    """``kv_bits``: the KV layers turn quantized at the same token as in mlx-lm fed
+    one token at a time, with the switch inside the prompt or inside the output.
+    Where mlx-lm fails once the switch comes, the loop refuses before any model call.
     """
     target, draft = pair(name, quantizable=True)
     prompt = mx.array(prompt_tokens(), mx.uint32)
-    spec = decoder(name, adaptive=False, quantizable=True, **KV_BITS)
+    spec = decoder(name, adaptive=False, quantizable=True, quantized_kv_start=start, **KV_BITS)
+
+    def mlx_lm(**quantization: int) -> list[int]:
+        steps = generate_step(
+            prompt, target, max_tokens=MAX_TOKENS, prefill_step_size=1, **quantization
+        )
+        return [int(t) for t, _ in steps]
+
     if name in KV_BITS_REFUSED:
         with pytest.raises(Exception):
-            list(generate_step(prompt, target, max_tokens=MAX_TOKENS, **KV_BITS))
+            mlx_lm(quantized_kv_start=start, **KV_BITS)
         rounds = speculative_rounds(
             target,
             draft,
@@ -354,11 +382,10 @@ def test_kv_bits_is_mlx_lm_kv_bits(name: str) -> None:
         with pytest.raises(ValueError, match=r"\[KVQuantization\] "):
             next(rounds)
         return
-    expected = [int(t) for t, _ in generate_step(prompt, target, max_tokens=MAX_TOKENS, **KV_BITS)]
+    expected = mlx_lm(quantized_kv_start=start, **KV_BITS)
     assert spec.generate(prompt_tokens(), MAX_TOKENS).tokens == expected
-    plain = [int(t) for t, _ in generate_step(prompt, target, max_tokens=MAX_TOKENS)]
     if any(isinstance(c, KVCache) for c in make_prompt_cache(target)):
-        assert expected != plain, "quantization must change the output to test its switch"
+        assert expected != mlx_lm(), "quantization must change the output"
 
 
 # ------------------------------------------- windows through the public entry points

@@ -8,16 +8,35 @@ import speclora  # noqa: F401  (must precede mlx.core: it preloads OpenBLAS)
 # isort: split
 import mlx.core as mx
 import pytest
-from mlx_lm.generate import generate_step, speculative_generate_step
+from mlx_lm.generate import generate_step
+from mlx_lm.generate import speculative_generate_step as mlx_lm_speculative_generate_step
 from mlx_lm.models import llama
-from mlx_lm.models.cache import KVCache, RotatingKVCache, trim_prompt_cache
+from mlx_lm.models.cache import (
+    ArraysCache,
+    CacheList,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    make_prompt_cache,
+    save_prompt_cache,
+    trim_prompt_cache,
+)
+from mlx_lm.models.cache import load_prompt_cache as mlx_lm_load_prompt_cache
+
 from speclora.cache import (
+    DEFAULT_HEADROOM,
+    CacheRewinder,
+    KVQuantization,
     RollbackKVCache,
     kv_ring_write,
     kv_ring_write_reference,
+    load_prompt_cache,
     make_speculative_cache,
+    prepare_speculative_cache,
+    rollback_limit,
     trim_cache,
 )
+from speclora.generate_step import speculative_generate_step
 
 VOCAB = 61
 WINDOW = 8
@@ -367,7 +386,7 @@ def test_mlx_lm_speculative_decoding_runs_past_the_window() -> None:
     cache = make_speculative_cache(target) + make_speculative_cache(draft)
     spec = [
         t
-        for t, _, _ in speculative_generate_step(
+        for t, _, _ in mlx_lm_speculative_generate_step(
             prompt, target, draft, prompt_cache=cache, num_draft_tokens=3, max_tokens=24
         )
     ]
@@ -460,3 +479,217 @@ def test_trim_per_row_rejects_bad_counts() -> None:
 def test_bad_cache_configuration_raises(kwargs, message) -> None:
     with pytest.raises(ValueError, match=r"^\[RollbackKVCache\] " + message):
         RollbackKVCache(**kwargs)
+
+
+# ------------------------------------------------------- mlx-lm's trim contract
+
+
+def test_trim_deeper_than_headroom_before_any_wrap_matches_mlx_lm() -> None:
+    # W = 35, one 34-token chunk, trim 34: nothing was overwritten, so all of it goes.
+    model = tiny_llama(None)
+    window = 35
+    ours = make_speculative_cache(model, max_kv_size=window)
+    theirs = [RotatingKVCache(max_size=window, keep=4) for _ in model.layers]
+    chunk = random_tokens((1, 34), 11)
+    model(chunk, cache=ours)
+    model(chunk, cache=theirs)
+    assert trim_prompt_cache(ours, 34) == trim_prompt_cache(theirs, 34) == 34
+    assert ours[0].offset == 0
+    again = random_tokens((1, 6), 12)
+    assert mx.allclose(model(again, cache=ours), model(again), atol=1e-4)
+
+
+def test_trim_after_a_wrap_trims_what_it_can_and_stays_exact() -> None:
+    model = tiny_llama(None)
+    cache = make_speculative_cache(model, max_kv_size=WINDOW, headroom=4)
+    sequence = random_tokens((1, 40), 13)
+    model(sequence[:, :30], cache=cache)
+    assert cache[0].is_trimmable()
+    # mlx-lm's RotatingKVCache would report is_trimmable() False here and trim 0.
+    assert trim_prompt_cache(cache, 34) == 5  # headroom + 1
+    assert cache[0].offset == 25
+    logits = mx.concatenate(
+        [model(sequence[:, i : i + 1], cache=cache) for i in range(25, 40)], axis=1
+    )
+    reference_cache = [RotatingKVCache(max_size=WINDOW, keep=4) for _ in model.layers]
+    reference = mx.concatenate(
+        [model(sequence[:, i : i + 1], cache=reference_cache) for i in range(40)], axis=1
+    )
+    assert mx.allclose(logits, reference[:, 25:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window", [1, 3, 4])
+def test_windows_that_hold_only_the_sink_tokens_are_refused(window: int) -> None:
+    # mlx-lm's RotatingKVCache(window <= 4, keep=4) stops storing new tokens.
+    with pytest.raises(ValueError, match=r"max_kv_size must be greater than 4"):
+        make_speculative_cache(tiny_llama(None), max_kv_size=window)
+
+
+def test_smallest_window_matches_mlx_lm() -> None:
+    model = tiny_llama(None)
+    cache = make_speculative_cache(model, max_kv_size=5, headroom=2)
+    assert [(c.max_size, c.keep) for c in cache] == [(5, 4), (5, 4)]
+    sequences = random_tokens((1, SCHEDULE_TOKENS), 14)
+    logits, consumed = run_schedule(model, cache, sequences, SCHEDULE[:6])
+    reference_cache = [RotatingKVCache(max_size=5, keep=4) for _ in model.layers]
+    reference = mx.concatenate(
+        [model(sequences[:, i : i + 1], cache=reference_cache)[0] for i in range(consumed[0])]
+    )
+    assert mx.allclose(logits[0], reference, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------- prompt-cache files
+
+
+def test_prompt_cache_file_round_trip_continues_identically(tmp_path) -> None:
+    """mlx-lm's save_prompt_cache / load_prompt_cache on wrapped windows; decoding
+    goes on from the loaded caches exactly as from the originals, and as mlx-lm's
+    RotatingKVCache fed the whole history token by token."""
+    target, draft = tiny_llama(None, seed=0), tiny_llama(None, seed=1, layers=1)
+    prompt = random_tokens((30,), 15)
+    caches = make_speculative_cache(target, WINDOW) + make_speculative_cache(draft, WINDOW)
+    first = [
+        t
+        for t, _, _ in speculative_generate_step(
+            prompt, target, draft, prompt_cache=caches, num_draft_tokens=3, max_tokens=60
+        )
+    ]
+    path = str(tmp_path / "cache.safetensors")
+    save_prompt_cache(path, caches, metadata={"note": "wrapped"})
+    loaded, metadata = mlx_lm_load_prompt_cache(path, return_metadata=True)
+    assert metadata == {"note": "wrapped"}
+    assert [type(c) for c in loaded] == [RollbackKVCache] * 3
+    assert [c.meta_state for c in loaded] == [c.meta_state for c in caches]
+    assert loaded[0].offsets[0] > 2 * (WINDOW + DEFAULT_HEADROOM)  # wrapped twice
+    assert [c.offsets for c in load_prompt_cache(path)] == [c.offsets for c in caches]
+
+    follow_up = random_tokens((5,), 16)
+    continued = [
+        [
+            t
+            for t, _, _ in speculative_generate_step(
+                follow_up, target, draft, prompt_cache=c, num_draft_tokens=3, max_tokens=20
+            )
+        ]
+        for c in (loaded, caches)
+    ]
+    # The target's caches held the prompt and all emitted tokens but the last.
+    history = prompt.tolist() + first[:-1] + follow_up.tolist()
+    reference_cache = [RotatingKVCache(max_size=WINDOW, keep=4) for _ in target.layers]
+    expected = generate_step(
+        mx.array(history, mx.uint32),
+        target,
+        prompt_cache=reference_cache,
+        prefill_step_size=1,
+        max_tokens=20,
+    )
+    assert continued[0] == continued[1] == [int(t) for t, _ in expected]
+
+
+def test_prompt_cache_file_keeps_per_row_positions(tmp_path) -> None:
+    cache = RollbackKVCache(WINDOW, 2, headroom=3)
+    keys = mx.arange(2 * 1 * 14 * 2, dtype=mx.float32).reshape(2, 1, 14, 2)
+    cache.update_and_fetch(keys, -keys)
+    cache.trim_per_row([1, 4])
+    path = str(tmp_path / "rows.safetensors")
+    save_prompt_cache(path, [cache])
+    (loaded,) = mlx_lm_load_prompt_cache(path)
+    assert loaded.offsets == [13, 10] and (loaded.max_size, loaded.keep) == (WINDOW, 2)
+    update = mx.ones((2, 1, 3, 2))
+    masks = [c.make_mask(3, return_array=True) for c in (loaded, cache)]
+    fetched = [c.update_and_fetch(update, -update) for c in (loaded, cache)]
+    assert mx.array_equal(masks[0], masks[1])
+    assert mx.array_equal(fetched[0][0], fetched[1][0])
+
+
+# ------------------------------------------------------- layer types and checks
+
+
+def test_layer_types_mlx_lm_builds() -> None:
+    sliding = tiny_llama(WINDOW)
+    windowed = make_speculative_cache(sliding, max_kv_size=16)
+    assert [(c.max_size, c.keep) for c in windowed] == [(WINDOW, 0), (16, 4)]
+
+    class Hybrid(llama.Model):
+        def make_cache(self) -> list:
+            return [CacheList(ArraysCache(size=2), KVCache()), ArraysCache(size=1)]
+
+    model = Hybrid(sliding.args)
+    hybrid = make_speculative_cache(model, max_kv_size=16)
+    assert isinstance(hybrid[0], CacheList) and isinstance(hybrid[1], ArraysCache)
+    assert isinstance(hybrid[0].caches[0], ArraysCache)
+    assert (hybrid[0].caches[1].max_size, hybrid[0].caches[1].keep) == (16, 4)
+    with pytest.raises(ValueError, match=r"layer 0\.0 \(ArraysCache\) holds recurrent state"):
+        make_speculative_cache(model, per_row=True)
+    with pytest.raises(ValueError, match=r"layer 0\.0 \(ArraysCache\) cannot be trimmed"):
+        trim_cache(hybrid, 1)
+
+    class Odd(llama.Model):
+        def make_cache(self) -> list:
+            return [KVCache(), object()]
+
+    with pytest.raises(ValueError, match=r"layer 1 uses object, which cannot be rolled back"):
+        make_speculative_cache(Odd(sliding.args))
+
+
+def test_empty_mlx_lm_rotating_caches_are_converted_in_place() -> None:
+    model = tiny_llama(WINDOW)
+    cache = make_prompt_cache(model)
+    rotating = cache[0]
+    prepare_speculative_cache(cache)
+    assert cache[0] is rotating and isinstance(rotating, RollbackKVCache)
+    assert (rotating.max_size, rotating.keep, rotating.offset) == (WINDOW, 0, 0)
+
+    used = make_prompt_cache(model)
+    model(random_tokens((1, 3), 17), cache=used)
+    with pytest.raises(ValueError, match=r"layer 0 is an mlx-lm RotatingKVCache that already"):
+        prepare_speculative_cache(used)
+    with pytest.raises(ValueError, match=r"layer 1 uses list, which cannot be rolled back"):
+        prepare_speculative_cache([KVCache(), []])
+
+
+def test_rewinder_refuses_to_roll_back_less_than_asked() -> None:
+    model = tiny_llama(WINDOW)
+    cache = make_speculative_cache(model, headroom=1)
+    model(random_tokens((1, 20), 18), cache=cache)
+    rewinder = CacheRewinder(model, cache)
+    assert rollback_limit(cache) == 1
+    with pytest.raises(RuntimeError, match=r"layer 0 \(RollbackKVCache\) rolled back 2 of 3"):
+        rewinder.rewind(mx.zeros((4,), mx.uint32), 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"bits": 7}, r"bits must be 2-6 or 8, got 7"),
+        ({"group_size": 48}, r"group_size must be 32, 64 or 128, got 48"),
+        ({"start": -1}, r"start must be >= 0, got -1"),
+    ],
+)
+def test_bad_kv_quantization_raises(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=r"^\[KVQuantization\] " + message):
+        KVQuantization(**kwargs)
+
+
+def test_kv_quantization_switches_at_mlx_lm_token() -> None:
+    # mlx-lm switches after the call that leaves `start` tokens in the cache.
+    quantization = KVQuantization(bits=4, group_size=32, start=6)
+    cache = [KVCache(), ArraysCache(size=1)]
+    assert quantization.room(cache) == 6
+
+    def feed(n: int) -> None:
+        cache[0].update_and_fetch(mx.zeros((1, 1, n, 32)), mx.zeros((1, 1, n, 32)))
+        quantization.apply(cache)
+
+    feed(5)
+    assert quantization.room(cache) == 1 and type(cache[0]) is KVCache
+    feed(1)
+    assert quantization.room(cache) is None
+    assert isinstance(cache[0], QuantizedKVCache) and cache[0].offset == 6
+    assert isinstance(cache[1], ArraysCache)
+    model = tiny_llama(None)
+    with pytest.raises(ValueError, match=r"layer 0 is a sliding-window cache"):
+        quantization.check(model, make_speculative_cache(model, max_kv_size=16))
+    # Heads of 16 cannot be quantized in groups of 32: refused before generating.
+    with pytest.raises(ValueError, match=r"llama cannot run on a QuantizedKVCache"):
+        quantization.check(model, make_speculative_cache(model))

@@ -15,6 +15,7 @@ from mlx_lm.generate import speculative_generate_step as mlx_lm_speculative_gene
 from mlx_lm.sample_utils import make_sampler
 from stats_helpers import chi_square_pvalue
 
+from speclora.cache import make_speculative_cache
 from speclora.decoding import LoopOptions, speculative_rounds
 from speclora.drafting import FixedDraftLength, RoundCost
 from speclora.generate_step import speculative_generate_step
@@ -323,3 +324,81 @@ def test_greedy_with_sliding_window_past_the_wrap(target, draft, k):
         tokens, rounds = run_rounds(target, draft, prompt, 3 * window, k, max_kv_size=window)
         assert tokens == expected
     assert any(r.accepted < r.drafted for r in rounds)
+
+
+# -- rollback depth: never ask a cache for more than it can roll back ------------------
+
+
+def windowed_reference(model, prompt: list[int], window: int, max_tokens: int) -> list[int]:
+    from mlx_lm.models.cache import RotatingKVCache
+
+    caches = [RotatingKVCache(max_size=window, keep=4) for _ in model.layers]
+    steps = generate_step(
+        mx.array(prompt, mx.uint32), model, max_tokens=max_tokens, prompt_cache=caches, prefill_step_size=1
+    )
+    return [int(t) for t, _ in steps]
+
+
+def test_draft_length_is_bounded_by_the_caches_rollback_depth(target, draft):
+    """Caches with a headroom of 1 roll back at most 2 tokens once wrapped: K = 4 is
+    cut to 1 per round and the output stays mlx-lm's windowed greedy output."""
+    window = 8
+    prompt = random_prompts(1, seed=60)[0]
+    rounds = list(
+        speculative_rounds(
+            target,
+            draft,
+            prompt,
+            max_tokens=40,
+            policy=FixedDraftLength(4),
+            options=LoopOptions(),
+            target_cache=make_speculative_cache(target, window, headroom=1),
+            draft_cache=make_speculative_cache(draft, window, headroom=3),
+        )
+    )
+    assert [t for r in rounds for t in r.tokens] == windowed_reference(target, prompt, window, 40)
+    assert {r.drafted for r in rounds[:-1]} == {1}
+
+
+def test_a_cache_that_rolls_back_less_than_asked_fails_loudly(target, draft):
+    from mlx_lm.models.cache import KVCache
+
+    class ShortKVCache(KVCache):
+        """Drops at most one token: a cache whose depth the loop cannot know."""
+
+        def trim(self, n: int) -> int:
+            return super().trim(min(n, 1))
+
+    with pytest.raises(RuntimeError, match=r"layer 0 \(ShortKVCache\) rolled back 1 of [2-4] tokens"):
+        list(
+            speculative_rounds(
+                target,
+                draft,
+                [1, 2, 3],
+                max_tokens=40,
+                policy=FixedDraftLength(4),
+                options=LoopOptions(),
+                target_cache=[ShortKVCache() for _ in target.layers],
+            )
+        )
+
+
+def test_caches_that_cannot_roll_back_are_refused_before_generating(target, draft):
+    from mlx_lm.models.cache import RotatingKVCache
+
+    used = [RotatingKVCache(max_size=8, keep=4) for _ in target.layers]
+    target(mx.array([[1, 2]]), cache=used)
+    caches = used + make_speculative_cache(draft)
+    steps = speculative_generate_step(mx.array([1, 2], mx.uint32), target, draft, prompt_cache=caches)
+    with pytest.raises(ValueError, match=r"layer 0 is an mlx-lm RotatingKVCache that already holds tokens"):
+        next(steps)
+
+
+def test_decoder_window_and_kv_bits_arguments(target, draft):
+    with pytest.raises(ValueError, match=r"max_kv_size must be > 4"):
+        SpeculativeDecoder(target, draft, ByteTokenizer(), max_kv_size=4)
+    windowed = SpeculativeDecoder(target, draft, ByteTokenizer(), temperature=0.0, max_kv_size=8, kv_bits=4)
+    with pytest.raises(ValueError, match=r"\[KVQuantization\] layer 0 is a sliding-window cache"):
+        windowed.generate([1, 2, 3], 4)
+    with pytest.raises(ValueError, match=r"bits must be 2-6 or 8"):
+        SpeculativeDecoder(target, draft, ByteTokenizer(), kv_bits=7)
