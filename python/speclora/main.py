@@ -27,7 +27,7 @@ from speclora.learning import BackgroundTraining, train_and_promote
 from speclora.training import check_overrides
 from speclora.data_collector import DataCollector, TrainingExample, pair_fingerprint
 from speclora.models import ModelManager
-from speclora.results import GenerationResult
+from speclora.results import GenerationResult, StreamChunk
 from speclora.speculative import SpeculativeDecoder
 from speclora.speculative_manual import ManualSpeculativeDecoder
 from speclora.tracker import AcceptanceTracker
@@ -192,21 +192,57 @@ class SpeculativeDecodingSystem:
             ValueError: bad arguments. MemoryError: the request cannot fit the
             context window or the configured memory limit. RuntimeError: generation failed.
         """
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         return self.generate_result(prompt, mode=mode, max_tokens=max_tokens, temperature=temperature).text
 
     def generate_result(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         *,
         mode: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
     ) -> GenerationResult:
-        """Like :meth:`generate`, returning the full :class:`GenerationResult`."""
+        """Like :meth:`generate`, returning the full :class:`GenerationResult`.
+
+        ``top_p`` and ``seed`` override ``generation.top_p`` / ``generation.seed``
+        for this call.
+        """
+        for chunk in self.generate_stream(
+            prompt, mode=mode, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
+        ):
+            if chunk.result is not None:
+                return chunk.result
+        raise AssertionError("generate_stream ended without a result")
+
+    def generate_stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        mode: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> Iterator[StreamChunk]:
+        """:meth:`generate_result`, streamed: one chunk per round, then the result.
+
+        ``prompt`` may also be token ids, used as they are (no chat template:
+        e.g. a whole conversation the caller templated). The arguments are
+        checked and the system is claimed when iteration starts; closing the
+        iterator early stops the generation, releases the system and collects
+        nothing.
+
+        Yields:
+            StreamChunk: the tokens each round decided, then (last) the result.
+        """
         self._require_initialized()
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, (str, Sequence)):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__} (or a list of token ids)")
         mode = self.config.generation.mode if mode is None else mode
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         g = self.config.generation
@@ -220,27 +256,53 @@ class SpeculativeDecodingSystem:
             or temperature < 0
         ):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if top_p is not None and (
+            isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
+        ):
+            raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64
+        ):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         decoder = self.decoder if mode == "detailed" else self.fast_decoder
         assert decoder is not None and self.manager is not None
-        self.manager.check_prompt_length(prompt)
+        if isinstance(prompt, str):
+            self.manager.check_prompt_length(prompt)
         prompt_tokens = decoder.encode_prompt(prompt)
+        text = prompt if isinstance(prompt, str) else decoder.tokenizer.decode(prompt_tokens)
         self.manager.check_fits(len(prompt_tokens), max_tokens, g.memory_limit_gb)
         with self._exclusive("generate"):
             # Between generations, never inside one: a finished background run
             # and a newly promoted adapter take effect here.
             self._poll_training()
             self._follow_active()
+            rounds = decoder.stream(
+                prompt_tokens,
+                max_tokens,
+                temperature=temperature,
+                seed=g.seed if seed is None else seed,
+                top_p=top_p,
+            )
             try:
-                result = decoder.generate(prompt_tokens, max_tokens, temperature=temperature, seed=g.seed)
+                while True:
+                    try:
+                        r = next(rounds)
+                    except StopIteration as done:
+                        result: GenerationResult = done.value
+                        break
+                    if r.tokens:
+                        yield StreamChunk(list(r.tokens))
             except (ValueError, MemoryError):
                 raise
             except Exception as e:
                 raise RuntimeError(f"generation failed: {e}") from e
+            finally:
+                rounds.close()
             self._account(result)
             if mode == "detailed":
-                self._collect(prompt, result)
+                self._collect(text, result)
                 self._maybe_train_automatically()
-        return result
+        yield StreamChunk([], result)
 
     def _account(self, result: GenerationResult) -> None:
         self.generation_count += 1

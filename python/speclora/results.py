@@ -120,3 +120,16 @@ class GenerationResult:
     def tokens_per_second(self) -> float:
         """Generated tokens per second of decoding (prefill excluded)."""
         return len(self.tokens) / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class StreamChunk:
+    """A piece of a streamed generation.
+
+    Every chunk but the last carries the ``tokens`` one round decided (final:
+    the concatenation of all chunks' tokens is the generation); the last has no
+    tokens and the whole ``result``.
+    """
+
+    tokens: list[int]
+    result: GenerationResult | None = None

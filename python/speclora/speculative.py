@@ -8,14 +8,14 @@ only changes how fast they come.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Generator, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from speclora.cache import DEFAULT_HEADROOM, SINK_TOKENS, KVQuantization
-from speclora.decoding import LoopOptions, speculative_rounds
+from speclora.decoding import LoopOptions, Round, speculative_rounds
 from speclora.drafting import (
     AdaptiveDraftLength,
     DraftLengthPolicy,
@@ -171,6 +171,7 @@ class SpeculativeDecoder:
         *,
         temperature: float | None = None,
         seed: int | None = None,
+        top_p: float | None = None,
     ) -> GenerationResult:
         """Generate a continuation of ``prompt``.
 
@@ -181,15 +182,44 @@ class SpeculativeDecoder:
             temperature (float, optional): Overrides the decoder's temperature for
               this call.
             seed (int, optional): Seeds ``mx.random`` first, for reproducible sampling.
+            top_p (float, optional): Overrides the decoder's nucleus filter for
+              this call.
 
         Returns:
             GenerationResult: text, tokens and acceptance statistics.
         """
+        rounds = self.stream(prompt, max_tokens, temperature=temperature, seed=seed, top_p=top_p)
+        while True:
+            try:
+                next(rounds)
+            except StopIteration as done:
+                return cast(GenerationResult, done.value)
+
+    def stream(
+        self,
+        prompt: Prompt,
+        max_tokens: int = 512,
+        *,
+        temperature: float | None = None,
+        seed: int | None = None,
+        top_p: float | None = None,
+    ) -> Generator[Round, None, GenerationResult]:
+        """:meth:`generate`, one round at a time.
+
+        Yields each :class:`~speclora.decoding.Round` as soon as it is decided
+        (its ``tokens`` are final) and returns the :class:`GenerationResult`.
+        Closing the generator early stops generating.
+        """
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
         sampling = self.sampling
-        if temperature is not None:
-            sampling = SamplingParams(temperature, sampling.top_p, sampling.top_k, sampling.min_p)
+        if temperature is not None or top_p is not None:
+            sampling = SamplingParams(
+                sampling.temperature if temperature is None else temperature,
+                sampling.top_p if top_p is None else top_p,
+                sampling.top_k,
+                sampling.min_p,
+            )
         prompt_tokens = self.encode_prompt(prompt)
         if seed is not None:
             mx.random.seed(seed)
@@ -221,6 +251,7 @@ class SpeculativeDecoder:
                 recorder(r)
             if r.stopped:
                 finish_reason = "stop"
+            yield r
         return GenerationResult(
             text=self.tokenizer.decode(tokens),
             tokens=tokens,
