@@ -17,7 +17,7 @@ if [[ "$(uname -s)" == "Linux" ]] && ! ldconfig -p 2>/dev/null | grep -q libopen
 fi
 
 if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1; then
-  echo "error: a C++17 compiler is needed to build the extension (Debian/Ubuntu: apt-get install g++)" >&2
+  echo "error: a C++20 compiler is needed to build the extension (Debian/Ubuntu: apt-get install g++)" >&2
   exit 1
 fi
 

@@ -19,11 +19,19 @@ CONSUMER = Path(__file__).parent / "cpp_consumer"
 
 
 def installed_cmake_dir() -> Path:
-    """``<site-packages>/speclora/share/cmake/speclora``, next to the extension
-    (in an editable install the Python sources live elsewhere)."""
+    """What a user is told to pass as ``speclora_DIR``: ``python -m speclora --cmake-dir``."""
+    done = subprocess.run(
+        [sys.executable, "-m", "speclora", "--cmake-dir"], check=True, capture_output=True, text=True
+    )
+    return Path(done.stdout.strip())
+
+
+def test_cmake_dir_is_beside_the_extension() -> None:
+    """In an editable install the Python sources live elsewhere: the CMake package
+    is where the extension was installed."""
     spec = importlib.util.find_spec("speclora._ext")
     assert spec is not None and spec.origin, "speclora._ext is not installed"
-    return Path(spec.origin).parent / "share" / "cmake" / "speclora"
+    assert installed_cmake_dir() == Path(spec.origin).parent / "share" / "cmake" / "speclora"
 
 
 def find_cmake() -> str | None:

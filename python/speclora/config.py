@@ -20,9 +20,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Self, TypeGuard
+from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
 
 import yaml
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 ADAPTER_ALIASES = ("active", "previous", "best", "final", "latest")
 """Names of the checkpoints under ``training.checkpoint_dir``: the trainer writes
