@@ -9,7 +9,9 @@ import speclora  # noqa: F401  (must precede mlx.core: it preloads OpenBLAS)
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
-from mlx_lm.generate import speculative_generate_step as mlx_lm_speculative_generate_step
+from mlx_lm.generate import (
+    speculative_generate_step as mlx_lm_speculative_generate_step,
+)
 from mlx_lm.models import llama
 from mlx_lm.models.cache import (
     ArraysCache,
@@ -22,7 +24,6 @@ from mlx_lm.models.cache import (
     trim_prompt_cache,
 )
 from mlx_lm.models.cache import load_prompt_cache as mlx_lm_load_prompt_cache
-
 from speclora.cache import (
     DEFAULT_HEADROOM,
     CacheRewinder,
@@ -513,7 +514,8 @@ def test_trim_after_a_wrap_trims_what_it_can_and_stays_exact() -> None:
     )
     reference_cache = [RotatingKVCache(max_size=WINDOW, keep=4) for _ in model.layers]
     reference = mx.concatenate(
-        [model(sequence[:, i : i + 1], cache=reference_cache) for i in range(40)], axis=1
+        [model(sequence[:, i : i + 1], cache=reference_cache) for i in range(40)],
+        axis=1,
     )
     assert mx.allclose(logits, reference[:, 25:], atol=1e-4, rtol=1e-4)
 
@@ -533,7 +535,10 @@ def test_smallest_window_matches_mlx_lm() -> None:
     logits, consumed = run_schedule(model, cache, sequences, SCHEDULE[:6])
     reference_cache = [RotatingKVCache(max_size=5, keep=4) for _ in model.layers]
     reference = mx.concatenate(
-        [model(sequences[:, i : i + 1], cache=reference_cache)[0] for i in range(consumed[0])]
+        [
+            model(sequences[:, i : i + 1], cache=reference_cache)[0]
+            for i in range(consumed[0])
+        ]
     )
     assert mx.allclose(logits[0], reference, atol=1e-4, rtol=1e-4)
 
@@ -547,11 +552,18 @@ def test_prompt_cache_file_round_trip_continues_identically(tmp_path) -> None:
     RotatingKVCache fed the whole history token by token."""
     target, draft = tiny_llama(None, seed=0), tiny_llama(None, seed=1, layers=1)
     prompt = random_tokens((30,), 15)
-    caches = make_speculative_cache(target, WINDOW) + make_speculative_cache(draft, WINDOW)
+    caches = make_speculative_cache(target, WINDOW) + make_speculative_cache(
+        draft, WINDOW
+    )
     first = [
         t
         for t, _, _ in speculative_generate_step(
-            prompt, target, draft, prompt_cache=caches, num_draft_tokens=3, max_tokens=60
+            prompt,
+            target,
+            draft,
+            prompt_cache=caches,
+            num_draft_tokens=3,
+            max_tokens=60,
         )
     ]
     path = str(tmp_path / "cache.safetensors")
@@ -568,7 +580,12 @@ def test_prompt_cache_file_round_trip_continues_identically(tmp_path) -> None:
         [
             t
             for t, _, _ in speculative_generate_step(
-                follow_up, target, draft, prompt_cache=c, num_draft_tokens=3, max_tokens=20
+                follow_up,
+                target,
+                draft,
+                prompt_cache=c,
+                num_draft_tokens=3,
+                max_tokens=20,
             )
         ]
         for c in (loaded, caches)
@@ -619,16 +636,22 @@ def test_layer_types_mlx_lm_builds() -> None:
     assert isinstance(hybrid[0], CacheList) and isinstance(hybrid[1], ArraysCache)
     assert isinstance(hybrid[0].caches[0], ArraysCache)
     assert (hybrid[0].caches[1].max_size, hybrid[0].caches[1].keep) == (16, 4)
-    with pytest.raises(ValueError, match=r"layer 0\.0 \(ArraysCache\) holds recurrent state"):
+    with pytest.raises(
+        ValueError, match=r"layer 0\.0 \(ArraysCache\) holds recurrent state"
+    ):
         make_speculative_cache(model, per_row=True)
-    with pytest.raises(ValueError, match=r"layer 0\.0 \(ArraysCache\) cannot be trimmed"):
+    with pytest.raises(
+        ValueError, match=r"layer 0\.0 \(ArraysCache\) cannot be trimmed"
+    ):
         trim_cache(hybrid, 1)
 
     class Odd(llama.Model):
         def make_cache(self) -> list:
             return [KVCache(), object()]
 
-    with pytest.raises(ValueError, match=r"layer 1 uses object, which cannot be rolled back"):
+    with pytest.raises(
+        ValueError, match=r"layer 1 uses object, which cannot be rolled back"
+    ):
         make_speculative_cache(Odd(sliding.args))
 
 
@@ -642,9 +665,13 @@ def test_empty_mlx_lm_rotating_caches_are_converted_in_place() -> None:
 
     used = make_prompt_cache(model)
     model(random_tokens((1, 3), 17), cache=used)
-    with pytest.raises(ValueError, match=r"layer 0 is an mlx-lm RotatingKVCache that already"):
+    with pytest.raises(
+        ValueError, match=r"layer 0 is an mlx-lm RotatingKVCache that already"
+    ):
         prepare_speculative_cache(used)
-    with pytest.raises(ValueError, match=r"layer 1 uses list, which cannot be rolled back"):
+    with pytest.raises(
+        ValueError, match=r"layer 1 uses list, which cannot be rolled back"
+    ):
         prepare_speculative_cache([KVCache(), []])
 
 
@@ -654,7 +681,9 @@ def test_rewinder_refuses_to_roll_back_less_than_asked() -> None:
     model(random_tokens((1, 20), 18), cache=cache)
     rewinder = CacheRewinder(model, cache)
     assert rollback_limit(cache) == 1
-    with pytest.raises(RuntimeError, match=r"layer 0 \(RollbackKVCache\) rolled back 2 of 3"):
+    with pytest.raises(
+        RuntimeError, match=r"layer 0 \(RollbackKVCache\) rolled back 2 of 3"
+    ):
         rewinder.rewind(mx.zeros((4,), mx.uint32), 1)
 
 

@@ -418,7 +418,6 @@ class RollbackKVCache(_BaseCache):
             mask = mask & ((position < keep) | (query - position < span - keep))
         return mask[:, None]
 
-
     # ------------------------------------------------------------- rollback
 
     def _deepest(self, row: int) -> int:
@@ -883,7 +882,9 @@ class KVQuantization:
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 5, 6, 8):
-            raise ValueError(f"[KVQuantization] bits must be 2-6 or 8, got {self.bits}.")
+            raise ValueError(
+                f"[KVQuantization] bits must be 2-6 or 8, got {self.bits}."
+            )
         if self.group_size not in (32, 64, 128):
             raise ValueError(
                 f"[KVQuantization] group_size must be 32, 64 or 128, got {self.group_size}."

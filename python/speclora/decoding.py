@@ -82,6 +82,18 @@ class LoopOptions:
     profile: bool = False  # synchronise after drafting to time draft and verify apart
 
 
+def vocab_size(model: nn.Module) -> int:
+    """The model's vocabulary size, from its mlx-lm ``args`` (or their ``text_config``,
+    as multimodal and Llama 4 models keep it)."""
+    args = getattr(model, "args", None)
+    text = getattr(args, "text_config", None)
+    for holder in (args, text):
+        size = holder.get("vocab_size") if isinstance(holder, dict) else getattr(holder, "vocab_size", None)
+        if size:
+            return int(size)
+    raise ValueError(f"cannot find the vocabulary size of {type(model).__name__} (no args.vocab_size)")
+
+
 def host_ints(a: mx.array) -> list[int]:
     """An evaluated 1-D integer array as a Python list (typed for callers)."""
     return cast(list[int], a.tolist())

@@ -148,7 +148,9 @@ def measure_round_cost(
     """
     from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-    vocab = target.args.vocab_size
+    from speclora.decoding import vocab_size
+
+    vocab = vocab_size(target)
     prompt = mx.random.randint(0, vocab, (1, context), key=mx.random.key(0)).astype(mx.uint32)
     one = prompt[:, -1:]
     many = mx.repeat(one, max_k + 1, axis=1)

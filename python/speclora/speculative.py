@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from speclora.cache import DEFAULT_HEADROOM, SINK_TOKENS, KVQuantization
-from speclora.decoding import LoopOptions, Round, speculative_rounds
+from speclora.decoding import LoopOptions, Round, speculative_rounds, vocab_size
 from speclora.drafting import (
     AdaptiveDraftLength,
     DraftLengthPolicy,
@@ -117,7 +117,7 @@ class SpeculativeDecoder:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.target_model.args.vocab_size)
+        return vocab_size(self.target_model)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids for ``prompt`` (a string, or token ids passed through)."""
