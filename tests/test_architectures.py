@@ -1,8 +1,8 @@
 """Speculative decoding on mlx-lm's model families and cache types, against mlx-lm alone.
 
-Each family is a tiny random in-code instance (32 wide, 2 layers); its draft is the
-same model with a little weight noise, so rounds accept all, some or none of the
-drafts. The references come from mlx-lm only:
+Each family is a tiny random in-code instance (32 wide, 2 layers; Llama 4: 4); its
+draft is the same model with a little weight noise, so rounds accept all, some or
+none of the drafts. The references come from mlx-lm only:
 
 * without a window, ``generate_step`` on the model's own caches (``make_cache()``);
 * with ``max_kv_size=W``, ``generate_step`` fed one token at a time
@@ -12,7 +12,9 @@ drafts. The references come from mlx-lm only:
   ``make_cache`` (for models with one it ignores ``W``). Token by token, because
   mlx-lm's rotating cache evicts differently for a multi-token chunk past the
   window (see the README's "Models and caches");
-* with ``kv_bits``, ``generate_step(kv_bits=..., quantized_kv_start=...)``.
+* with ``kv_bits``, ``generate_step(kv_bits=..., quantized_kv_start=...)`` fed one
+  token at a time: the switch to quantized then falls exactly on the token
+  ``quantized_kv_start`` (with a chunked prefill, mlx-lm switches after the chunk).
 
 The matrix of the README and of ``FAMILIES`` below is reproduced by
 ``pytest tests/test_architectures.py``.
@@ -368,11 +370,8 @@ def test_greedy_is_mlx_lm_greedy(name: str, window: int | None, adaptive: bool) 
         prompt_tokens(), MAX_TOKENS
     )
     assert result.tokens == reference(name, window)
-    # Rollbacks happened: some drafts were rejected, some accepted.
-    per_position = result.stats.position_accepted
-    assert (
-        result.num_accepted_tokens > 0 and sum(per_position) < result.num_draft_tokens
-    )
+    # Both caches rolled back: some drafts were accepted, some rejected.
+    assert 0 < result.num_accepted_tokens < result.num_draft_tokens
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
