@@ -443,6 +443,25 @@ def test_kv_bits_is_mlx_lm_kv_bits(name: str, start: int) -> None:
         assert expected != mlx_lm(), "quantization must change the output"
 
 
+@pytest.mark.parametrize("name", ["llama", "lfm2"])
+def test_drop_in_kv_bits_is_mlx_lm_kv_bits(name: str) -> None:
+    """The drop-in takes mlx-lm's kv_bits arguments and gives mlx-lm's tokens."""
+    target, draft = pair(name, quantizable=True)
+    prompt = mx.array(prompt_tokens(), mx.uint32)
+    options = {"quantized_kv_start": 20, **KV_BITS}
+    expected = [
+        int(t)
+        for t, _ in generate_step(prompt, target, max_tokens=MAX_TOKENS, prefill_step_size=1, **options)
+    ]
+    tokens = [
+        t
+        for t, _, _ in speculative_generate_step(
+            prompt, target, draft, num_draft_tokens=3, max_tokens=MAX_TOKENS, **options
+        )
+    ]
+    assert tokens == expected
+
+
 # ------------------------------------------- windows through the public entry points
 
 CAPACITY = WINDOW + DEFAULT_HEADROOM  # slots of a windowed buffer

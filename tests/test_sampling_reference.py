@@ -273,12 +273,6 @@ def test_drop_in_follows_mlx_lm_sampler_and_processors(pair, name):
     check_sample(counts, rejected, DROP_IN_SAMPLES, expected(pair, case))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the verification pass samples all K + 1 target positions in one sampler call, "
-    "so XTC's one random draw per call is shared by those positions; an opaque sampler "
-    "must be called one position at a time",
-)
 def test_drop_in_follows_mlx_lm_xtc_sampler(pair):
     """mlx-lm's XTC sampler flips one coin per call: with probability 0.5 it drops every
     token above the threshold but the least likely of them. Generating alone, mlx-lm

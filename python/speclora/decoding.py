@@ -118,7 +118,14 @@ def _draw(logits: mx.array, options: LoopOptions) -> mx.array:
     """Sample tokens ``[...]`` from processed ``logits [..., V]``."""
     if options.sampler is not None:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return options.sampler(logprobs).astype(mx.uint32)
+        if logprobs.ndim == 1:
+            return options.sampler(logprobs).astype(mx.uint32)
+        # One call per position, as the target alone makes one per token: a
+        # sampler may draw one random number per call (mlx-lm's XTC does), and
+        # positions sharing it would not follow the target's distribution.
+        rows = logprobs.reshape(-1, logprobs.shape[-1])
+        drawn = mx.concatenate([options.sampler(rows[i : i + 1]).reshape(1) for i in range(rows.shape[0])])
+        return drawn.reshape(logprobs.shape[:-1]).astype(mx.uint32)
     return sample(logits, options.sampling.temperature)
 
 

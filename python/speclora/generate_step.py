@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx_lm.generate import generation_stream
 from mlx_lm.sample_utils import greedy_sampler
 
+from speclora.cache import KVQuantization
 from speclora.decoding import LogitsProcessor, LoopOptions, host_ints, speculative_rounds
 from speclora.drafting import FixedDraftLength
 
@@ -54,20 +55,21 @@ def speculative_generate_step(
         sampler (Callable, optional): mlx-lm sampler over log-probabilities; ``None``
           or mlx-lm's greedy sampler decodes greedily.
         logits_processors (list, optional): mlx-lm logits processors.
-        prompt_cache (list, optional): Target caches followed by draft caches
-          (trimmable), updated in place.
+        prompt_cache (list, optional): Target caches followed by draft caches, updated
+          in place; any layer type mlx-lm builds (empty rotating caches are made
+          rollback-able in place).
         prefill_step_size (int): Accepted for compatibility; prompts are prefilled
           in chunks of 512 tokens.
-        kv_bits (int, optional): KV-cache quantisation is not supported; must be ``None``.
-        kv_group_size (int): Ignored (see ``kv_bits``).
-        quantized_kv_start (int): Ignored (see ``kv_bits``).
+        kv_bits (int, optional): Quantize the KV caches to this many bits from token
+          ``quantized_kv_start`` on, as mlx-lm does. Default: ``None`` (no quantization).
+        kv_group_size (int): Quantization group size. Default: ``64``.
+        quantized_kv_start (int): Token from which the caches are quantized.
+          Default: ``5000``.
 
     Yields:
         tuple[int, mx.array, bool]: a token, the target's log-probabilities ``[V]``
         at its position, and whether the draft proposed it.
     """
-    if kv_bits is not None:
-        raise ValueError("speculative_generate_step: kv_bits (quantized KV cache) is not supported")
     target_cache = draft_cache = None
     if prompt_cache is not None:
         target_cache = prompt_cache[: len(model.layers)]
@@ -75,6 +77,9 @@ def speculative_generate_step(
     options = LoopOptions(
         logits_processors=tuple(logits_processors or ()),
         sampler=None if sampler is None or sampler is greedy_sampler else sampler,
+        kv_quantization=(
+            None if kv_bits is None else KVQuantization(kv_bits, kv_group_size, quantized_kv_start)
+        ),
     )
     limit = _UNBOUNDED if max_tokens == -1 else max_tokens
     with mx.stream(stream):
