@@ -578,7 +578,7 @@ class TrainingConfig(_Section):
         "LoRA on the last num_layers blocks; -1 means all.",
     )
     learning_rate: float = _opt(
-        1e-4, _Number(0.0, 1.0, lo_open=True), "AdamW learning rate."
+        1e-3, _Number(0.0, 1.0, lo_open=True), "AdamW learning rate."
     )
     num_epochs: int = _opt(
         3, _Int(1, _INT32_MAX), "Passes over the training examples per train() call."
