@@ -293,3 +293,14 @@ def test_training_from_a_fused_adapter_saves_what_it_trained(tiny_model_dir: Any
     reloaded, _ = mlx_lm.load(str(tiny_model_dir.draft), adapter_path=result["final_path"])
     difference = mx.abs(reloaded(probe) - draft(probe)).max().item()
     assert difference < 1e-4, difference
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_bad_overrides_are_named_before_the_data_is_counted(config: dict[str, Any], background: bool) -> None:
+    system = make_system(config)  # no failures collected
+    with pytest.raises(ValueError, match="num_epochs must be an int >= 1, got 0"):
+        system.train(num_epochs=0, background=background)
+    with pytest.raises(ValueError, match="learning_rate must be a finite float > 0, got nan"):
+        system.train(learning_rate=math.nan, background=background)
+    with pytest.raises(ValueError, match="0 failures collected"):
+        system.train(background=background)
