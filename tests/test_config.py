@@ -189,6 +189,8 @@ def test_defaults_match_the_interface() -> None:
         "draft": "zoo:draft",
         "draft_adapter": None,
         "dtype": "auto",
+        "quantize_bits": None,
+        "quantize_group_size": 64,
     }
     assert (
         d["generation"]["num_draft_tokens"] == 4
@@ -364,6 +366,8 @@ I32, I64, U64 = 2**31 - 1, 2**63 - 1, 2**64 - 1
 # bounds are what the code each value reaches can hold: MLX's int32 sizes and
 # positions, SQLite's int64, mx.random.seed's uint64, float32 arithmetic.
 UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
+    "models.quantize_bits": (8, True),
+    "models.quantize_group_size": (128, True),
     "generation.max_tokens": (I32, True),
     "generation.temperature": (100.0, True),
     "generation.top_p": (1.0, True),

@@ -37,6 +37,10 @@ BASE_DRAFT = "base"
 the active one)."""
 
 GENERATION_MODES = ("fast", "detailed")
+
+QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)
+"""Weight widths MLX's affine quantization supports."""
+QUANTIZE_GROUP_SIZES = (32, 64, 128)
 MODEL_DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ZOO_PREFIX = "zoo:"
@@ -412,6 +416,17 @@ class ModelsConfig(_Section):
         _Str(choices=MODEL_DTYPES),
         "Floating-point type the models compute in: auto (float32 on CPU, where half "
         "precision has no fast matmul; the stored type on a GPU), float32, float16, bfloat16.",
+    )
+    quantize_bits: int | None = _opt(
+        None,
+        _Int(9, 8, nullable=True, also=QUANTIZE_BITS, text="null or one of [2, 3, 4, 5, 6, 8]"),
+        "Quantize both models' weights to this many bits at load (mlx-lm's affine "
+        "quantization; models already quantized stay as they are); null keeps them.",
+    )
+    quantize_group_size: int = _opt(
+        64,
+        _Int(129, 128, also=QUANTIZE_GROUP_SIZES, text="one of [32, 64, 128]"),
+        "Weights per quantization scale when quantize_bits is set.",
     )
 
     def _resolve_paths(self, base_dir: Path) -> None:

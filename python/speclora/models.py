@@ -314,10 +314,13 @@ def _apply_adapter(model: nn.Module, files: _AdapterFiles, fuse: bool) -> list[s
         raise RuntimeError(f"{where} does not fit this model:\n  " + "\n  ".join(shown))
     model.load_weights(list(files.weights.items()), strict=False)
     if fuse:
+        # Folding an update into quantized weights re-quantizes them, which
+        # changes them: layers over quantized weights keep the update unfused,
+        # as mlx-lm applies an adapter to a quantized model (QLoRA).
         modules = _module_paths(model)
-        model.update_modules(
-            tree_unflatten([(path, modules[path].fuse()) for path in converted])
-        )
+        fusable = [p for p in converted if not isinstance(getattr(modules[p], "linear", None), nn.QuantizedLinear)]
+        if fusable:
+            model.update_modules(tree_unflatten([(p, modules[p].fuse()) for p in fusable]))
     return converted
 
 
@@ -363,6 +366,16 @@ def _set_compute_dtype(model: nn.Module, dtype: str) -> None:
     if floats and floats != {target}:
         model.set_dtype(target)
         mx.eval(model.parameters())
+
+
+def _quantize(model: nn.Module, config: dict[str, Any], bits: int | None, group_size: int) -> None:
+    """Quantize ``model``'s weights with mlx-lm, unless it is quantized already."""
+    if bits is None or "quantization" in config:
+        return
+    from mlx_lm.utils import quantize_model
+
+    quantize_model(model, config, group_size, bits)
+    mx.eval(model.parameters())
 
 
 def _kv_bytes_per_token(config: Mapping[str, Any], model: nn.Module) -> int:
@@ -461,8 +474,9 @@ class ModelManager:
         self._check_vocab_sizes(
             target_ref, target, target_config, draft_ref, draft, draft_config
         )
-        for model in (target, draft):
+        for model, config in ((target, target_config), (draft, draft_config)):
             _set_compute_dtype(model, self.config.models.dtype)
+            _quantize(model, config, self.config.models.quantize_bits, self.config.models.quantize_group_size)
         if not self._same_tokenizer_files(target_loc, draft_loc):
             try:
                 draft_tokenizer = load_tokenizer(
