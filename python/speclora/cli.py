@@ -1,4 +1,4 @@
-"""The ``speclora`` command: generate, train, stats, demo, bench."""
+"""The ``speclora`` command: generate, train, stats, adapters, demo, bench, serve."""
 
 from __future__ import annotations
 
@@ -151,6 +151,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from speclora.server import serve
+
+    serve(
+        _config(args.config),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        queue_size=args.queue_size,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="speclora",
@@ -221,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-draft-tokens", type=int, default=8, help="adaptive drafting's largest K (default: 8)")
     p.add_argument("--out", default="benchmarks/results", help="report directory (default: benchmarks/results)")
     p.set_defaults(run=cmd_bench)
+
+    p = command("serve", "OpenAI-compatible HTTP server whose draft learns from the requests it serves.")
+    p.add_argument("--host", help="address to listen on (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port, 0 for any free one (default: serve.port, 8080)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: serve.api_key)")
+    p.add_argument("--queue-size", type=int, help="requests that may wait; more get 429 (default: serve.queue_size, 16)")
+    p.set_defaults(run=cmd_serve)
     return parser
 
 

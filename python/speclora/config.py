@@ -70,6 +70,9 @@ _MAX_DISTILL_WEIGHT = 1000.0
 float32 overflow."""
 _MAX_GRAD_CLIP = 1.0e6
 """A clip no gradient reaches; larger values only need to stay finite in float32."""
+_MAX_QUEUE_SIZE = 2**20
+"""Waiting requests each hold their body and an open connection; a million is already
+more than one process can keep open."""
 
 
 def _num(x: float) -> str:
@@ -660,12 +663,51 @@ class LoggingConfig(_Section):
     )
 
 
+@dataclass
+class ServeConfig(_Section):
+    """``speclora serve``: the HTTP server in front of one system."""
+
+    section: ClassVar[str] = "serve"
+
+    host: str = _opt(
+        "127.0.0.1",
+        _Str(),
+        "Address to listen on; the default accepts connections from this machine only.",
+    )
+    port: int = _opt(
+        8080, _Int(0, 65535), "TCP port to listen on; 0 picks a free one (printed at start)."
+    )
+    api_key: str | None = _opt(
+        None,
+        _Str(nullable=True),
+        "When set, every /v1 request must carry 'Authorization: Bearer <api_key>'.",
+    )
+    queue_size: int = _opt(
+        16,
+        _Int(0, _MAX_QUEUE_SIZE),
+        "Requests that may wait while one generates; beyond it the server answers 429.",
+    )
+    learn: bool = _opt(
+        True,
+        _Bool(),
+        "Learn from served requests: record them in detailed mode (unless a request "
+        "asks for fast) and train in the background (training.auto). false serves "
+        "with generation.mode and training.auto as configured.",
+    )
+    model_name: str | None = _opt(
+        None,
+        _Str(nullable=True),
+        "Model id in /v1/models and responses; null = the target's name.",
+    )
+
+
 _SECTIONS: dict[str, type[_Section]] = {
     "models": ModelsConfig,
     "generation": GenerationConfig,
     "collection": CollectionConfig,
     "training": TrainingConfig,
     "logging": LoggingConfig,
+    "serve": ServeConfig,
 }
 
 
@@ -687,6 +729,9 @@ class Config:
     )
     logging: LoggingConfig = field(
         default_factory=LoggingConfig, metadata={"help": "Logging and progress output."}
+    )
+    serve: ServeConfig = field(
+        default_factory=ServeConfig, metadata={"help": "The HTTP server (speclora serve)."}
     )
 
     @classmethod
