@@ -94,6 +94,11 @@ def test_manifest_matches_the_build_configuration():
     manifest = json.loads((zoo.ZOO_DIR / "manifest.json").read_text())
     cfg = full_config()
     assert manifest["seq_len"] == cfg.seq_len
+    assert manifest["context_len"] == cfg.context_len
+    for name in ("target", "draft"):
+        config = json.loads((zoo.model_path(name) / "config.json").read_text())
+        tokenizer = json.loads((zoo.model_path(name) / "tokenizer_config.json").read_text())
+        assert config["max_position_embeddings"] == tokenizer["model_max_length"] == cfg.context_len
     for name in ("target", "draft"):
         entry = manifest["models"][name]
         assert entry["architecture"] == asdict(cfg.models[name])

@@ -378,6 +378,26 @@ def _quantize(model: nn.Module, config: dict[str, Any], bits: int | None, group_
     mx.eval(model.parameters())
 
 
+def context_window(model: nn.Module) -> int | None:
+    """The model's declared context (``max_position_embeddings``), if it has one."""
+    window = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+    return window if isinstance(window, int) and not isinstance(window, bool) else None
+
+
+def check_context(window: int | None, prompt_tokens: int, max_tokens: int) -> None:
+    """The context check every generation entry point makes, with one error.
+
+    Raises:
+        MemoryError: ``prompt_tokens + max_tokens`` exceeds ``window``.
+    """
+    total = prompt_tokens + max_tokens
+    if window is not None and total > window:
+        raise MemoryError(
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
+            f"the target's context window of {window} tokens; shorten the prompt or lower max_tokens"
+        )
+
+
 def _kv_bytes_per_token(config: Mapping[str, Any], model: nn.Module) -> int:
     """Bytes a KV cache holds per token for a model (keys and values)."""
     layers = int(config.get("num_hidden_layers", 0))
@@ -661,11 +681,7 @@ class ModelManager:
         """
         total = prompt_tokens + max_tokens
         window = self.target_config.get("max_position_embeddings")
-        if isinstance(window, int) and total > window:
-            raise MemoryError(
-                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
-                f"the target's context window of {window} tokens; shorten the prompt or lower max_tokens"
-            )
+        check_context(window if isinstance(window, int) else None, prompt_tokens, max_tokens)
         if memory_limit_gb is not None:
             need = total * sum(
                 _kv_bytes_per_token(c, m)
