@@ -155,7 +155,7 @@ def train_and_promote(
         trainer = LoRATrainer(
             manager.training_copy_of_draft(),
             manager.tokenizer,
-            config.training.to_dict(),
+            config.training,
             show_progress=config.logging.show_progress,
         )
         results = trainer.train(

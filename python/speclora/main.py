@@ -91,7 +91,7 @@ class SpeculativeDecodingSystem:
                 import mlx.core as mx
 
                 mx.set_memory_limit(int(self.config.generation.memory_limit_gb * 2**30))
-            manager = ModelManager(self.config.to_dict())
+            manager = ModelManager(self.config)
             target, draft = manager.load_models()
             g = self.config.generation
             options: dict[str, Any] = dict(

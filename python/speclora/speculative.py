@@ -23,6 +23,7 @@ from speclora.drafting import (
     RoundCost,
     measure_round_cost,
 )
+from speclora.models import check_context, context_window
 from speclora.results import GenerationResult, RoundStats
 from speclora.sampling import SamplingParams, make_logits_filter
 
@@ -221,6 +222,7 @@ class SpeculativeDecoder:
                 sampling.min_p,
             )
         prompt_tokens = self.encode_prompt(prompt)
+        check_context(context_window(self.target_model), len(prompt_tokens), max_tokens)
         if seed is not None:
             mx.random.seed(seed)
         options = LoopOptions(
