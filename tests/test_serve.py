@@ -183,8 +183,8 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 120.0) -> Any
 def zoo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("serve_zoo")
     config = {
-        # A fixed draft length: adaptive drafting carries its length from one request
-        # to the next, and a seeded sample depends on it.
+        # A fixed draft length: an answer's draft statistics do not depend on the
+        # requests before it.
         "generation": {
             "max_tokens": MAX_TOKENS,
             "adaptive_draft": False,
@@ -468,6 +468,7 @@ BAD_BODIES = [
     (b"[1, 2]", None, "JSON object"),
     (b'{"prompt": "x", "temperature": NaN}', None, "NaN"),
     (b"\xff\xfe", None, "UTF-8"),
+    (b'{"prompt": "\\ud800"}', "prompt", "cannot be tokenized"),
     ({"prompt": "x", "max_tokens": -1}, "max_tokens", "greater than or equal to 1"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
     ({"prompt": "x", "max_tokens": 10**12}, "max_tokens", "less than or equal"),
@@ -554,6 +555,7 @@ BAD_CHATS = [
         "disagree",
     ),
     ({"messages": [{"role": "user", "content": LONG}]}, "messages", "context window"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages", "cannot"),
 ]
 
 
