@@ -223,6 +223,39 @@ def test_second_position_rejected_uses_last_uniform_for_correction() -> None:
     ) == ([1], [[3, 3, -1]])
 
 
+def point_mass(draft: list[list[int]], vocab: int) -> mx.array:
+    """Draft logits of a deterministic proposal (prompt lookup): 0 at the drafted
+    id, -inf elsewhere, so ``q`` is one-hot at every temperature."""
+    ids = np.array(draft)
+    logits = np.full(ids.shape + (vocab,), NEG_INF, np.float32)
+    np.put_along_axis(logits, ids[..., None], 0.0, axis=-1)
+    return mx.array(logits)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_deterministic_draft_is_accepted_with_the_target_probability(temperature: float) -> None:
+    # q(x) = 1: accepted iff u < p(x); rejected, the correction is drawn from p
+    # without x, i.e. max(p - onehot(x), 0) renormalized.
+    p0 = [0.1, 0.2, 0.3, 0.4]
+    target = log_probs([[p0, BONUS]]) * temperature  # p0 again after scaling by 1/T
+    draft = point_mass([[2]], 4)
+    assert accept_both(mx.array([[2]]), draft, target, mx.array([[0.29, 0.6]]), temperature) == ([1], [[2, 2]])
+    # Residual [0.1, 0.2, 0, 0.4] / 0.7: CDF 1/7, 3/7, 3/7, 1.
+    for u_last, expected in ((0.1, 0), (0.2, 1), (0.43, 3), (0.99, 3)):
+        assert accept_both(
+            mx.array([[2]]), draft, target, mx.array([[0.31, u_last]]), temperature
+        ) == ([0], [[expected, -1]])
+
+
+def test_deterministic_draft_the_target_cannot_emit_is_rejected() -> None:
+    p0 = [0.5, 0.5, 0.0, 0.0]
+    draft = point_mass([[3]], 4)
+    for u in (0.0, 0.5):
+        assert accept_both(
+            mx.array([[3]]), draft, log_probs([[p0, BONUS]]), mx.array([[0.0, u]]), 1.0
+        ) == ([0], [[int(u >= 0.5), -1]])
+
+
 # -------------------------------------------------- tier 3: output distribution
 
 
@@ -277,6 +310,29 @@ def test_first_emitted_token_follows_target_distribution(temperature: float) -> 
         np.float64
     )
     assert chi_square_p_value(draft_counts, p) < ALPHA
+
+
+def test_deterministic_drafts_keep_the_target_distribution() -> None:
+    """A proposal fixed in advance (prompt lookup) is a one-hot q: the emitted
+    token still follows p, whichever token was proposed."""
+    mx.random.seed(4321)
+    V = 6
+    probs = np.array([0.3, 0.05, 0.25, 0.0, 0.15, 0.25])
+    target_logits = mx.broadcast_to(log_probs([[probs, probs]]), (DRAWS, 2, V))
+    # The proposal cycles through every id, the impossible one (3) included.
+    proposals = [[i % V] for i in range(DRAWS)]
+    n, tokens = speculative_accept(
+        mx.array(proposals, mx.int32), point_mass(proposals, V), target_logits, temperature=1.0
+    )
+    first = np.array(tokens[:, 0])
+    counts = np.bincount(first, minlength=V).astype(np.float64)
+    assert counts[3] == 0
+    assert chi_square_p_value(counts, probs) > ALPHA
+    # Accepted exactly as often as p(x) says, about: 1/6 of the sum of p.
+    assert 0.1 < float(mx.mean(n == 1)) < 0.25
+    # Power: emitting the proposals themselves fails the test.
+    proposed = np.bincount(np.array(proposals)[:, 0], minlength=V).astype(np.float64)
+    assert chi_square_p_value(proposed, probs) < ALPHA
 
 
 def test_bonus_token_follows_target_distribution() -> None:

@@ -1,12 +1,13 @@
 """The speculative decode loop shared by every decoder in this package.
 
-One round: the draft proposes ``K`` tokens one step at a time (kept lazy, so MLX
-pipelines them), the target scores the last emitted token plus the ``K`` drafts in
-one pass, the fused acceptance op decides how many drafts survive and which token
-follows them, and both models' caches are rolled back past what was rejected
-(trimmed, or for recurrent layers restored and re-advanced: see
-:class:`speclora.cache.CacheRewinder`). The only host synchronisation of the round
-is reading the op's result.
+One round: a proposer offers ``K`` tokens -- the draft model one step at a time
+(kept lazy, so MLX pipelines them), or prompt lookup (:mod:`speclora.ngram`) at no
+model cost, or nothing (a plain target step) -- as the policy decides; the target
+scores the last emitted token plus the ``K`` proposals in one pass, the fused
+acceptance op decides how many survive and which token follows them, and both
+models' caches are rolled back past what was rejected (trimmed, or for recurrent
+layers restored and re-advanced: see :class:`speclora.cache.CacheRewinder`). The
+only host synchronisation of the round is reading the op's result.
 
 Fast and detailed decoding, and the mlx-lm compatible generator, all consume the
 :class:`Round` records this loop yields; nothing here knows who is listening.
@@ -30,11 +31,14 @@ from speclora.cache import (
     prepare_speculative_cache,
     rollback_limit,
 )
-from speclora.drafting import DraftLengthPolicy
+from speclora.drafting import DRAFT, NGRAM, NONE, DraftLengthPolicy, Plan
+from speclora.ngram import NO_PROPOSAL, NgramProposer
 from speclora.sampling import LogitsFilter, SamplingParams, sample
 
 # Same default as mlx-lm: long prompts are fed in chunks so activations stay bounded.
 PREFILL_STEP = 512
+# Most tokens asked of prompt lookup per round (the policy takes a prefix).
+MAX_PROPOSAL = 32
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -50,18 +54,37 @@ class Round:
     """
 
     position: int  # index in the generated sequence of tokens[0]
+    proposer: str  # who proposed the drafts: "draft", "ngram" or "none" (K = 0)
     drafted: int  # K
     accepted: int  # n, 0 <= n <= K
     draft_tokens: list[int]  # [K]
     tokens: list[int]  # emitted: accepted drafts + the target's token, cut at a stop
     next_token: int  # the target's token after the accepted drafts (correction or bonus)
-    draft_logits: mx.array  # [K, V]
+    draft_logits: mx.array  # [K, V]; zeros unless kept (see LoopOptions.keep_draft_logits)
     target_logits: mx.array  # [K + 1, V]
     raw_target_logits: mx.array  # [K + 1, V]
     stopped: bool  # a stop token ended the generation in this round
-    draft_seconds: float = 0.0  # only measured when the loop profiles
-    verify_seconds: float = 0.0
     seconds: float = 0.0
+    # Seconds per phase (see PHASES), only when the loop profiles.
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def draft_seconds(self) -> float:
+        return self.timings.get("draft", 0.0)
+
+    @property
+    def verify_seconds(self) -> float:
+        return self.timings.get("verify", 0.0)
+
+
+PHASES = ("draft", "verify", "accept", "sync", "rollback", "bookkeeping")
+"""What a profiled round's time is split into: the proposer (draft model steps, or
+prompt lookup), the target's pass, the acceptance op, reading its result on the
+host, rolling the caches back, and everything else (the policy, history, stop
+tokens, the round record)."""
+
+MODEL_PHASES = ("draft", "verify")
+"""The phases that are the models' forward passes; the rest is machinery."""
 
 
 @dataclass
@@ -79,7 +102,14 @@ class LoopOptions:
     # the target samples too and drafts are accepted while the samples agree, which
     # is lossless but accepts less than rejection sampling on known distributions.
     sampler: Callable[[mx.array], mx.array] | None = None
-    profile: bool = False  # synchronise after drafting to time draft and verify apart
+    # Synchronise after each phase of a round to time them apart (see PHASES).
+    profile: bool = False
+    # Keep the draft model's logits in each Round even where the acceptance rule
+    # does not read them (temperature 0): a recorder of disagreements needs them.
+    keep_draft_logits: bool = False
+    # Prompt lookup: shortest and longest suffix matched (see NgramProposer).
+    ngram_min: int = 1
+    ngram_max: int = 4
 
 
 def vocab_size(model: nn.Module) -> int:
@@ -134,6 +164,34 @@ def _one_hot(tokens: mx.array, vocab: int) -> mx.array:
     return (mx.arange(vocab)[None] == tokens[:, None]).astype(mx.float32)
 
 
+def _point_mass_logits(tokens: mx.array, vocab: int) -> mx.array:
+    """``[N] -> [N, V]`` logits whose softmax, at any temperature, is one-hot on the
+    token: the draft distribution of a deterministic proposal."""
+    return mx.where(mx.arange(vocab)[None] == tokens[:, None], 0.0, -mx.inf)
+
+
+class _Clock:
+    """Splits a round's time into phases when profiling (a sync at each mark)."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+        self.timings: dict[str, float] = {}
+        self.start = self.last = time.perf_counter()
+
+    def mark(self, phase: str, *arrays: Any) -> None:
+        if not self.on:
+            return
+        if arrays:
+            mx.eval(*arrays)
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def done(self) -> float:
+        self.mark("bookkeeping")
+        return time.perf_counter() - self.start
+
+
 class _Processor:
     """Applies logits processors (which look at the token history) and the filter."""
 
@@ -174,7 +232,8 @@ def speculative_rounds(
         draft (nn.Module): The proposal model (same vocabulary).
         prompt_tokens (Sequence[int]): The prompt, at least one token.
         max_tokens (int): Most tokens to emit, ``>= 1``.
-        policy (DraftLengthPolicy): Chooses ``K`` each round and is told the outcome.
+        policy (DraftLengthPolicy): Chooses each round's proposer and ``K`` and is
+          told the outcome.
         options (LoopOptions): Sampling, stop tokens, cache window, profiling.
         target_cache (list, optional): Caches for the target, updated in place; every
           layer must roll back (see :func:`speclora.cache.prepare_speculative_cache`).
@@ -208,46 +267,77 @@ def speculative_rounds(
     limits = [x for x in (rollback_limit(target_cache), rollback_limit(draft_cache)) if x is not None]
     target_rewind = CacheRewinder(target, target_cache)
     draft_rewind = CacheRewinder(draft, draft_cache)
+    # Greedy acceptance reads no draft distribution: the draft model's logits are
+    # then neither stacked nor kept, and the op reads a broadcast zero in their place.
+    keep_draft_logits = temperature > 0 or options.keep_draft_logits
 
     history = list(prompt_tokens)
     process = _Processor(options, history)
+    lookup = (
+        NgramProposer(history, min_n=options.ngram_min, max_n=options.ngram_max)
+        if policy.uses_ngram
+        else None
+    )
     prompt = mx.array(history, mx.uint32)
     _prefill(target, target_cache, prompt[:-1], quantization)
     _prefill(draft, draft_cache, prompt[:-1], quantization)
     # Tokens each model has yet to see: the target always lags by the last emitted
-    # token; the draft lags by one more after a round where every draft survived.
+    # token; the draft by every token emitted since it last drafted, plus its own
+    # last draft after a round where every draft survived.
     target_pending = history[-1:]
     draft_pending = history[-1:]
     produced = 0
+    vocab = vocab_size(target)
 
     while produced < max_tokens:
-        started = time.perf_counter()
-        k = max(0, min(policy.next_k(), max_tokens - produced - 1, *limits))
+        clock = _Clock(options.profile)
+        cap = max(0, min([max_tokens - produced - 1, *limits]))
         if quantization is not None:
             quantization.apply(target_cache)
             quantization.apply(draft_cache)
             # One target call must not cross the token where quantization starts.
             room = quantization.room(target_cache)
             if room is not None:
-                k = min(k, room - len(target_pending))
+                cap = min(cap, room - len(target_pending))
+        proposal = lookup.propose(min(cap, MAX_PROPOSAL)) if lookup is not None else NO_PROPOSAL
+        plan = policy.plan(proposal)
+        k = min(plan.k, cap)
+        if plan.proposer == NGRAM:
+            k = min(k, len(proposal.tokens))
+        proposer = plan.proposer if k > 0 else NONE
+        clock.mark("bookkeeping")
 
         drafted: list[mx.array] = []
         draft_logits: list[mx.array] = []
-        y = mx.array(draft_pending, mx.uint32)
-        draft_rewind.reset()
-        for _ in range(k):
-            draft_rewind.checkpoint()
-            logits = process(draft(y[None], cache=draft_cache)[0, -1], drafted)
-            token = _draw(logits, options)
-            mx.async_eval(token)
-            drafted.append(token)
-            draft_logits.append(logits)
-            y = token.reshape(1)
-        d_tokens = mx.stack(drafted) if k else mx.zeros((0,), mx.uint32)
-        drafted_at = time.perf_counter()
-        if options.profile:
-            mx.eval(d_tokens, draft_logits)
-            drafted_at = time.perf_counter()
+        if proposer == DRAFT:
+            if len(draft_pending) > PREFILL_STEP:
+                _prefill(draft, draft_cache, mx.array(draft_pending[:-1], mx.uint32), quantization)
+                draft_pending = draft_pending[-1:]
+            y = mx.array(draft_pending, mx.uint32)
+            draft_rewind.reset()
+            for _ in range(k):
+                draft_rewind.checkpoint()
+                logits = process(draft(y[None], cache=draft_cache)[0, -1], drafted)
+                token = _draw(logits, options)
+                mx.async_eval(token)
+                drafted.append(token)
+                if keep_draft_logits:
+                    draft_logits.append(logits)
+                y = token.reshape(1)
+            d_tokens = mx.stack(drafted)
+        elif proposer == NGRAM:
+            d_tokens = mx.array(proposal.tokens[:k], mx.uint32)
+            drafted = [d_tokens[i] for i in range(k)]
+        else:
+            d_tokens = mx.zeros((0,), mx.uint32)
+        if draft_logits:
+            d_logits = mx.stack(draft_logits)
+        elif proposer == NGRAM and temperature > 0:
+            d_logits = _point_mass_logits(d_tokens, vocab)
+        else:
+            # Shapes are known before evaluation, so this costs no work.
+            d_logits = mx.broadcast_to(mx.zeros((1, 1), mx.float32), (k, vocab))
+        clock.mark("draft", d_tokens, d_logits)
 
         verify_in = mx.concatenate([mx.array(target_pending, mx.uint32), d_tokens])
         target_rewind.reset()
@@ -261,8 +351,7 @@ def speculative_rounds(
         if options.sampler is not None:
             # Greedy acceptance on one-hot logits of the target's own samples.
             accept_logits = _one_hot(_draw(t_logits, options), t_logits.shape[-1])
-        # Shapes are known before evaluation, so K = 0 costs no extra work here.
-        d_logits = mx.stack(draft_logits) if k else mx.zeros((0, raw.shape[-1]), raw.dtype)
+        clock.mark("verify", accept_logits)
         num_accepted, out = speculative_accept(
             d_tokens.astype(mx.int32)[None],
             d_logits[None],
@@ -270,14 +359,15 @@ def speculative_rounds(
             temperature=temperature,
             validate=False,
         )
+        clock.mark("accept", num_accepted, out)
         mx.eval(num_accepted, out, d_tokens)
         n = cast(int, num_accepted.item())
         emitted = host_ints(out[0, : n + 1])
         draft_list = host_ints(d_tokens)
-        finished = time.perf_counter()
+        clock.mark("sync")
 
         target_rewind.rewind(verify_in, len(target_pending) + n)
-        if k == 0:
+        if proposer != DRAFT:
             draft_pending = draft_pending + emitted
         elif n == k:
             draft_pending = [draft_list[-1], emitted[-1]]
@@ -286,7 +376,8 @@ def speculative_rounds(
             draft_rewind.rewind(d_tokens[n : k - 1], 0, since=n + 1)
             draft_pending = emitted[-1:]
         target_pending = emitted[-1:]
-        policy.update(k, n)
+        clock.mark("rollback", *([c.state for c in target_cache] if target_rewind.recurrent else []))
+        policy.update(Plan(proposer, k), n)
 
         next_token = emitted[-1]
         stopped = False
@@ -295,8 +386,12 @@ def speculative_rounds(
                 emitted, stopped = emitted[:i], True
                 break
         history.extend(emitted)
+        if lookup is not None:
+            lookup.extend(emitted)
+        seconds = clock.done()
         yield Round(
             position=produced,
+            proposer=proposer,
             drafted=k,
             accepted=n,
             draft_tokens=draft_list,
@@ -306,9 +401,8 @@ def speculative_rounds(
             target_logits=t_logits,
             raw_target_logits=raw,
             stopped=stopped,
-            draft_seconds=drafted_at - started if options.profile else 0.0,
-            verify_seconds=finished - drafted_at if options.profile else 0.0,
-            seconds=finished - started,
+            seconds=seconds,
+            timings=clock.timings,
         )
         produced += len(emitted)
         if stopped:

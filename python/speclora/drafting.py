@@ -1,32 +1,58 @@
-"""Choosing how many tokens to draft each round.
+"""Choosing what to propose each round: which proposer, and how many tokens.
 
-With per-token acceptance probability ``a``, drafting ``K`` tokens yields
-``(1 - a**(K+1)) / (1 - a)`` tokens per round (Leviathan et al. 2023, eq. 1). A round
-costs ``K`` draft steps plus one target pass over ``K + 1`` tokens. The adaptive
-policy picks the ``K`` that maximises tokens per unit of cost, re-estimating ``a``
-from the rounds it has seen.
+A round proposes ``K`` tokens, the target scores them in one pass over ``K + 1``
+tokens and emits the accepted ones plus one of its own. If draft position ``i`` is
+accepted with probability ``a_i`` once every earlier one was, the round emits
+``1 + a_0 + a_0 a_1 + ... + a_0 ... a_{K-1}`` tokens on average (Leviathan et al.
+2023, eq. 1, with per-position rates). It costs the target's pass over ``K + 1``
+tokens plus, for the draft model, ``K`` draft steps; prompt lookup
+(:mod:`speclora.ngram`) costs no model call. ``K = 0`` is a plain target step.
+
+:class:`AdaptiveDraftLength` picks, each round, the proposer and ``K`` with the most
+expected tokens per unit of cost, from measured costs (:func:`measure_round_cost`)
+and acceptance rates it learns per proposer and position. Because the plain target
+step is always a candidate, a draft that does not pay stops being used.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import mlx.core as mx
 
+from speclora.ngram import NO_PROPOSAL, NgramProposal
 
-def expected_tokens(acceptance: float, k: int) -> float:
+DRAFT = "draft"
+"""The draft model proposes (``K`` decode steps)."""
+NGRAM = "ngram"
+"""Prompt lookup proposes (no model call)."""
+NONE = "none"
+"""Nothing is proposed: a plain target step."""
+PROPOSERS = (DRAFT, NGRAM)
+
+
+def expected_tokens(acceptance: float | Sequence[float], k: int) -> float:
     """Expected tokens emitted by a round that drafts ``k`` tokens.
 
     Args:
-        acceptance (float): Per-token acceptance probability ``a`` in ``[0, 1]``.
+        acceptance (float or Sequence[float]): Per-token acceptance probability
+          ``a``, or per-position conditional rates ``a_0, a_1, ...`` (at least
+          ``k`` of them).
         k (int): Number of drafted tokens.
 
     Returns:
-        float: ``1 + a + ... + a**k``.
+        float: ``1 + a + ... + a**k``, or ``1 + a_0 + a_0 a_1 + ...`` for rates.
     """
-    return sum(acceptance**i for i in range(k + 1))
+    if isinstance(acceptance, (int, float)):
+        return sum(acceptance**i for i in range(k + 1))
+    total = reach = 1.0
+    for i in range(k):
+        reach *= acceptance[i]
+        total += reach
+    return total
 
 
 @dataclass(frozen=True)
@@ -36,96 +62,238 @@ class RoundCost:
     Args:
         draft_step (float): One draft decode step (the ``c`` of Leviathan et al.).
         verify_extra (float): What each verified token beyond the first adds to the
-          target pass. ``0`` on hardware where ``K + 1`` tokens cost as much as one.
+          target pass, where ``verify`` has no entry. ``0`` on hardware where
+          ``K + 1`` tokens cost as much as one. Default: ``0.0``.
+        target_step_s (float): Seconds of one target decode step, when measured.
+        verify (tuple[float, ...]): ``verify[k]``: the target pass over ``k + 1``
+          tokens (``verify[0] == 1``), when measured. Default: ``()``.
     """
 
     draft_step: float
     verify_extra: float = 0.0
-    target_step_s: float = 0.0  # absolute seconds of the unit, when measured
+    target_step_s: float = 0.0
+    verify: tuple[float, ...] = ()
 
-    def of(self, k: int) -> float:
-        return 1.0 + k * (self.draft_step + self.verify_extra)
+    def verify_cost(self, k: int) -> float:
+        """The target pass over ``k + 1`` tokens."""
+        if k < len(self.verify):
+            return self.verify[k]
+        if self.verify:
+            return self.verify[-1] + (k - len(self.verify) + 1) * self.verify_extra
+        return 1.0 + k * self.verify_extra
 
-    def speedup_bound(self, acceptance: float, k: int) -> float:
+    def of(self, k: int, proposer: str = DRAFT) -> float:
+        """A round proposing ``k`` tokens with ``proposer``."""
+        return self.verify_cost(k) + (k * self.draft_step if proposer == DRAFT else 0.0)
+
+    def speedup_bound(self, acceptance: float | Sequence[float], k: int, proposer: str = DRAFT) -> float:
         """Leviathan's expected speedup over the target alone for this ``k``."""
-        return expected_tokens(acceptance, k) / self.of(k)
+        return expected_tokens(acceptance, k) / self.of(k, proposer)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a round proposes: ``k`` tokens from ``proposer`` (``NONE`` when 0)."""
+
+    proposer: str
+    k: int
 
 
 class DraftLengthPolicy(Protocol):
-    """Decides ``K`` for the next round and learns from each round's outcome."""
+    """Decides what the next round proposes and learns from each outcome.
 
-    def next_k(self) -> int: ...
+    ``uses_ngram`` tells the decode loop whether to keep a prompt-lookup index and
+    pass its proposal to :meth:`plan`.
+    """
 
-    def update(self, drafted: int, accepted: int) -> None: ...
+    uses_ngram: bool
+
+    def plan(self, ngram: NgramProposal) -> Plan: ...
+
+    def update(self, plan: Plan, accepted: int) -> None: ...
 
 
 @dataclass
 class FixedDraftLength:
-    """Always draft ``k`` tokens."""
+    """Always draft ``k`` tokens with the draft model (``k = 0``: never speculate)."""
 
     k: int
+    uses_ngram: bool = field(default=False, init=False)
 
-    def next_k(self) -> int:
-        return self.k
+    def plan(self, ngram: NgramProposal = NO_PROPOSAL) -> Plan:
+        return Plan(DRAFT, self.k) if self.k else Plan(NONE, 0)
 
-    def update(self, drafted: int, accepted: int) -> None:
+    def update(self, plan: Plan, accepted: int) -> None:
         return None
 
 
-class AdaptiveDraftLength:
-    """Pick ``K`` maximising expected tokens per unit cost under the measured costs.
+class PositionAcceptance:
+    """Per-position acceptance rates learnt from rounds, with forgetting.
 
-    Acceptance is estimated as accepted / (accepted + rejections) over recent rounds
-    (the maximum-likelihood estimate for a geometric run length censored at ``K``),
-    with exponential forgetting so it follows a drift in the text or an adapter swap.
+    Rate ``i`` is the probability that draft ``i`` is accepted given that every
+    earlier one was. Each is shrunk toward the rate of the position before it
+    (toward ``prior`` for position 0) by ``prior_weight`` pseudo-observations, so
+    positions seldom reached borrow from their neighbours.
+
+    Args:
+        prior (float): Rate assumed before any observation.
+        prior_weight (float): Pseudo-observations the prior counts for.
+        decay (float): Forgetting factor per update, in ``(0, 1]``.
+    """
+
+    def __init__(self, prior: float, prior_weight: float, decay: float) -> None:
+        self.prior = prior
+        self.prior_weight = prior_weight
+        self.decay = decay
+        self._accepted: list[float] = []
+        self._seen: list[float] = []
+
+    def rates(self, k: int) -> list[float]:
+        """Rates of positions ``0 .. k - 1``."""
+        out: list[float] = []
+        previous = self.prior
+        for i in range(k):
+            acc, seen = (self._accepted[i], self._seen[i]) if i < len(self._seen) else (0.0, 0.0)
+            previous = (acc + self.prior_weight * previous) / (seen + self.prior_weight)
+            out.append(previous)
+        return out
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """Record a round: positions ``0 .. accepted`` were judged, the first
+        ``accepted`` of them accepted."""
+        if drafted == 0:
+            return
+        judged = min(accepted + 1, drafted)
+        if judged > len(self._seen):
+            missing = judged - len(self._seen)
+            self._seen.extend([0.0] * missing)
+            self._accepted.extend([0.0] * missing)
+        for i in range(len(self._seen)):
+            self._seen[i] *= self.decay
+            self._accepted[i] *= self.decay
+        for i in range(judged):
+            self._seen[i] += 1.0
+            self._accepted[i] += float(i < accepted)
+
+
+class AdaptiveDraftLength:
+    """Each round, the proposer and ``K`` with the most expected tokens per unit cost.
+
+    Candidates: a plain target step (``K = 0``, unless ``min_k >= 1``); the draft
+    model with ``K`` in ``[max(1, min_k), max_k]``; and, when ``ngram`` is on and
+    prompt lookup found a match, the first ``K`` of its proposal. Acceptance is
+    learnt per proposer and position (for prompt lookup, per matched suffix
+    length too). A proposer left unused for a while is tried again with one token
+    (a probe), at intervals that double while probes are rejected (up to
+    ``MAX_PROBE_INTERVAL`` rounds) and shrink back once one is accepted, so a
+    draft that improves (an adapter swap, easier text) is noticed, at a bounded
+    cost when it does not.
 
     Args:
         cost (RoundCost): Measured draft and verification costs.
         max_k (int): Largest ``K`` considered. Default: ``8``.
-        initial_acceptance (float): Prior estimate before any round. Default: ``0.5``.
-        prior_weight (float): How many pseudo-tokens the prior counts for.
+        min_k (int): Smallest ``K`` of the draft model; ``1`` or more keeps the
+          draft model drafting every round (no plain steps, no prompt lookup).
+          Default: ``0``.
+        ngram (bool): Consider prompt-lookup proposals. Default: ``False``.
+        initial_acceptance (float): Prior rate before any round. Default: ``0.5``.
+        prior_weight (float): How many pseudo-rounds the prior counts for.
           Default: ``4.0``.
         decay (float): Per-round forgetting factor in ``(0, 1]``. Default: ``0.95``.
+        probe_interval (int): Rounds a proposer may go unused before a probe.
+          Default: ``16``.
     """
+
+    MAX_PROBE_INTERVAL = 256
 
     def __init__(
         self,
         cost: RoundCost,
         *,
         max_k: int = 8,
+        min_k: int = 0,
+        ngram: bool = False,
         initial_acceptance: float = 0.5,
         prior_weight: float = 4.0,
         decay: float = 0.95,
+        probe_interval: int = 16,
     ) -> None:
         if max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {max_k}")
+        if not 0 <= min_k <= max_k:
+            raise ValueError(f"min_k must be in [0, max_k={max_k}], got {min_k}")
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"decay must be in (0, 1], got {decay}")
+        if probe_interval < 1:
+            raise ValueError(f"probe_interval must be >= 1, got {probe_interval}")
         self.cost = cost
         self.max_k = max_k
-        self.decay = decay
-        self._accepted = initial_acceptance * prior_weight
-        self._rejected = (1.0 - initial_acceptance) * prior_weight
-        self._k = self._best_k()
+        self.min_k = min_k
+        self.uses_ngram = ngram and min_k == 0
+        self.probe_interval = probe_interval
+        self._acceptance: dict[Any, PositionAcceptance] = {}
+        self._prior = (initial_acceptance, prior_weight, decay)
+        self._idle = {DRAFT: 0, NGRAM: 0}
+        self._interval = {DRAFT: probe_interval, NGRAM: probe_interval}
+        self._match = 0  # the matched suffix length of the last plan
+        self._probe: str | None = None  # the proposer the last plan probed
+
+    def _rates(self, proposer: str, match: int = 0) -> PositionAcceptance:
+        key = (proposer, match)
+        if key not in self._acceptance:
+            self._acceptance[key] = PositionAcceptance(*self._prior)
+        return self._acceptance[key]
 
     @property
     def acceptance(self) -> float:
-        """The current per-token acceptance estimate."""
-        return self._accepted / max(self._accepted + self._rejected, 1e-9)
+        """The draft model's current estimate for its first position."""
+        return self._rates(DRAFT).rates(1)[0]
 
-    def _best_k(self) -> int:
-        a = min(self.acceptance, 0.999)
-        return max(range(1, self.max_k + 1), key=lambda k: self.cost.speedup_bound(a, k))
+    def _best(self, proposer: str, rates: list[float], low: int) -> tuple[float, int]:
+        """Best (tokens per cost, K) for ``proposer`` among ``K`` in ``[low, len(rates)]``."""
+        best = (-1.0, low)
+        for k in range(low, len(rates) + 1):
+            value = expected_tokens(rates, k) / self.cost.of(k, proposer)
+            if value > best[0]:
+                best = (value, k)
+        return best
 
-    def next_k(self) -> int:
-        return self._k
+    def plan(self, ngram: NgramProposal = NO_PROPOSAL) -> Plan:
+        draft_value, draft_k = self._best(DRAFT, self._rates(DRAFT).rates(self.max_k), max(1, self.min_k))
+        choices = [(draft_value, Plan(DRAFT, draft_k))]
+        if self.min_k == 0:
+            choices.append((1.0 / self.cost.of(0), Plan(NONE, 0)))
+        available = {DRAFT: True, NGRAM: self.uses_ngram and len(ngram.tokens) > 0}
+        if available[NGRAM]:
+            rates = self._rates(NGRAM, ngram.match).rates(min(len(ngram.tokens), self.max_k))
+            value, k = self._best(NGRAM, rates, 1)
+            choices.append((value, Plan(NGRAM, k)))
+        chosen = max(choices, key=lambda c: c[0])[1]
+        for proposer in PROPOSERS:
+            if chosen.proposer == proposer:
+                self._idle[proposer] = 0
+                self._interval[proposer] = self.probe_interval
+            elif available[proposer]:
+                self._idle[proposer] += 1
+        self._probe = None
+        for proposer in PROPOSERS:
+            if available[proposer] and self._idle[proposer] >= self._interval[proposer]:
+                # A probe; the next one comes later unless this one is accepted.
+                self._idle[proposer] = 0
+                self._interval[proposer] = min(2 * self._interval[proposer], self.MAX_PROBE_INTERVAL)
+                self._probe = proposer
+                chosen = Plan(proposer, 1)
+                break
+        self._match = ngram.match
+        return chosen
 
-    def update(self, drafted: int, accepted: int) -> None:
-        if drafted == 0:
-            return
-        self._accepted = self.decay * self._accepted + accepted
-        self._rejected = self.decay * self._rejected + (1.0 if accepted < drafted else 0.0)
-        self._k = self._best_k()
+    def update(self, plan: Plan, accepted: int) -> None:
+        if self._probe is not None and accepted > 0:
+            self._interval[self._probe] = self.probe_interval
+        if plan.proposer == DRAFT:
+            self._rates(DRAFT).update(plan.k, accepted)
+        elif plan.proposer == NGRAM:
+            self._rates(NGRAM, self._match).update(plan.k, accepted)
 
 
 def measure_round_cost(
@@ -133,8 +301,11 @@ def measure_round_cost(
 ) -> RoundCost:
     """Time the two models on this machine to fill in a :class:`RoundCost`.
 
-    Runs decode steps of each model and one target pass over ``max_k + 1`` tokens on a
-    short random context (about ``3 * repeats`` forward passes in all, after warm-up).
+    Times decode steps of each model and the target's pass over ``k + 1`` tokens
+    for every ``k`` up to ``max_k``, on a short random context, taking the fastest
+    of ``repeats`` runs of each (interleaved, so a slow spell of a shared machine
+    lands on all of them), about ``(max_k + 2) * repeats`` forward passes after
+    warm-up.
 
     Args:
         target (nn.Module): The target model.
@@ -152,23 +323,29 @@ def measure_round_cost(
 
     vocab = vocab_size(target)
     prompt = mx.random.randint(0, vocab, (1, context), key=mx.random.key(0)).astype(mx.uint32)
-    one = prompt[:, -1:]
-    many = mx.repeat(one, max_k + 1, axis=1)
-
-    def seconds(model: Any, tokens: mx.array) -> float:
-        cache = make_prompt_cache(model)
-        mx.eval(model(prompt, cache=cache))
-        best = float("inf")
-        for _ in range(repeats + 2):  # the first two warm up
+    runs = [(draft, 1)] + [(target, k + 1) for k in range(max_k + 1)]
+    caches = {id(m): make_prompt_cache(m) for m in (target, draft)}
+    for m in (target, draft):
+        mx.eval(m(prompt, cache=caches[id(m)]))
+    best = [float("inf")] * len(runs)
+    for r in range(repeats + 2):  # the first two warm up
+        for i, (model, n) in enumerate(runs):
+            cache = caches[id(model)]
+            tokens = mx.repeat(prompt[:, -1:], n, axis=1)
             start = time.perf_counter()
             mx.eval(model(tokens, cache=cache))
-            best = min(best, time.perf_counter() - start)
-            trim_prompt_cache(cache, tokens.shape[1])
-        return best
-
-    step = seconds(target, one)
+            elapsed = time.perf_counter() - start
+            trim_prompt_cache(cache, n)
+            if r >= 2:
+                best[i] = min(best[i], elapsed)
+    step = best[1]
+    verify = [1.0]
+    for s in best[2:]:
+        # A longer pass never costs less than a shorter one.
+        verify.append(max(verify[-1], s / step))
     return RoundCost(
-        draft_step=seconds(draft, one) / step,
-        verify_extra=max(0.0, seconds(target, many) / step - 1.0) / max_k,
+        draft_step=best[0] / step,
+        verify_extra=(verify[-1] - 1.0) / max_k,
         target_step_s=step,
+        verify=tuple(verify),
     )

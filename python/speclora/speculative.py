@@ -46,11 +46,17 @@ class SpeculativeDecoder:
         top_p (float): Nucleus filter, ``1`` disables. Default: ``1.0``.
         top_k (int): Top-k filter, ``0`` disables. Default: ``0``.
         min_p (float): Min-p filter, ``0`` disables. Default: ``0.0``.
-        adaptive_draft (bool): Choose ``K`` each round from the observed acceptance
-          and measured model costs. Default: ``False``.
+        adaptive_draft (bool): Choose each round what to propose -- ``K`` tokens of
+          the draft model, prompt lookup (with ``ngram_proposer``) or nothing (a
+          plain target step) -- for the most expected tokens per second, from
+          measured model costs and the acceptance seen so far
+          (:class:`~speclora.drafting.AdaptiveDraftLength`). Default: ``False``
+          (``num_draft_tokens`` from the draft model every round).
         max_draft_tokens (int): Largest ``K`` adaptive drafting may choose. Default: ``8``.
         round_cost (RoundCost, optional): Model costs for adaptive drafting; measured
           on first use when omitted.
+        ngram_proposer (bool): Let adaptive drafting propose tokens by prompt lookup
+          (:mod:`speclora.ngram`), which costs no model call. Default: ``True``.
         use_chat_template (bool): Wrap string prompts in the tokenizer's chat
           template when it has one. Default: ``True``.
         stop_tokens (Iterable[int], optional): Extra token ids that end generation
@@ -64,8 +70,8 @@ class SpeculativeDecoder:
         kv_group_size (int): Group size of KV quantization. Default: ``64``.
         quantized_kv_start (int): Cache length at which KV quantization starts.
           Default: ``5000``.
-        profile (bool): Time drafting and verification apart (one extra
-          synchronisation per round). Default: ``False``.
+        profile (bool): Time each phase of every round apart (a synchronisation
+          per phase; see :data:`speclora.decoding.PHASES`). Default: ``False``.
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class SpeculativeDecoder:
         adaptive_draft: bool = False,
         max_draft_tokens: int = 8,
         round_cost: RoundCost | None = None,
+        ngram_proposer: bool = True,
         use_chat_template: bool = True,
         stop_tokens: Iterable[int] | None = None,
         max_kv_size: int | None = None,
@@ -110,6 +117,7 @@ class SpeculativeDecoder:
         self.adaptive_draft = adaptive_draft
         self.max_draft_tokens = max_draft_tokens
         self.round_cost = round_cost
+        self.ngram_proposer = ngram_proposer
         self.use_chat_template = use_chat_template
         self.stop_tokens = frozenset(tokenizer.eos_token_ids) | frozenset(stop_tokens or ())
         self.max_kv_size = max_kv_size
@@ -149,17 +157,22 @@ class SpeculativeDecoder:
         raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def draft_policy(self) -> DraftLengthPolicy:
-        """The policy choosing ``K``; adaptive state persists across calls."""
+        """The policy choosing each round's proposal; adaptive state persists
+        across calls."""
         if self._policy is None:
             if self.adaptive_draft:
                 if self.round_cost is None:
                     self.round_cost = measure_round_cost(
                         self.target_model, self.draft_model, max_k=self.max_draft_tokens
                     )
-                self._policy = AdaptiveDraftLength(self.round_cost, max_k=self.max_draft_tokens)
+                self._policy = self._adaptive_policy(self.round_cost)
             else:
                 self._policy = FixedDraftLength(self.num_draft_tokens)
         return self._policy
+
+    def _adaptive_policy(self, cost: RoundCost) -> DraftLengthPolicy:
+        """Fast mode weighs every proposer against a plain target step."""
+        return AdaptiveDraftLength(cost, max_k=self.max_draft_tokens, ngram=self.ngram_proposer)
 
     def _recorder(self, temperature: float) -> DisagreementRecorder | None:
         """What watches every round; fast mode records nothing."""
@@ -232,6 +245,7 @@ class SpeculativeDecoder:
             max_kv_size=self.max_kv_size,
             kv_quantization=self.kv_quantization,
             profile=self.profile,
+            keep_draft_logits=self._recorder(sampling.temperature) is not None,
         )
         recorder = self._recorder(sampling.temperature)
         policy = self.draft_policy()  # may time the models once; not part of this generation

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from speclora.decoding import Round, host_ints
+from speclora.drafting import DRAFT, AdaptiveDraftLength, DraftLengthPolicy, RoundCost
 from speclora.records import Disagreement
 from speclora.speculative import SpeculativeDecoder
 
@@ -39,6 +40,9 @@ class DisagreementRecorder:
 
     def __call__(self, r: Round) -> None:
         i = r.accepted
+        # Only the draft model's rejections teach it something.
+        if r.proposer != DRAFT:
+            return
         # No rejection, or a stop token among the accepted drafts ended the text first.
         if i == r.drafted or i > len(r.tokens):
             return
@@ -70,6 +74,10 @@ class ManualSpeculativeDecoder(SpeculativeDecoder):
     """:class:`~speclora.speculative.SpeculativeDecoder` that also records
     ``result.disagreements``, one per rejected draft token.
 
+    Every round drafts with the draft model, whose rejections are what is recorded:
+    adaptive drafting chooses ``K >= 1`` by the same cost model as fast mode, but
+    never a plain target step or prompt lookup.
+
     Takes the same arguments, plus:
 
     Args:
@@ -92,6 +100,9 @@ class ManualSpeculativeDecoder(SpeculativeDecoder):
         if isinstance(top_k_logprobs, bool) or not isinstance(top_k_logprobs, int) or top_k_logprobs < 1:
             raise ValueError(f"top_k_logprobs must be an integer >= 1, got {top_k_logprobs!r}")
         self.top_k_logprobs = top_k_logprobs
+
+    def _adaptive_policy(self, cost: RoundCost) -> DraftLengthPolicy:
+        return AdaptiveDraftLength(cost, max_k=self.max_draft_tokens, min_k=1)
 
     def _recorder(self, temperature: float) -> DisagreementRecorder:
         return DisagreementRecorder(self.top_k_logprobs, temperature)
