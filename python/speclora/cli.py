@@ -125,25 +125,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from speclora.bench import format_table, run_benchmark, write_report
+    from speclora.bench import format_table, load_prompt_sets, run_benchmark, write_report
     from speclora.models import ModelManager
     from speclora.speculative import SpeculativeDecoder
-    from speclora.zoo import load_prompts
 
     cfg = _config(args.config)
     manager = ModelManager(cfg)
     target, draft = manager.load_models()
     encoder = SpeculativeDecoder(target, draft, manager.tokenizer, 1, 0.0)
-    prompts = [encoder.encode_prompt(p) for p in load_prompts(args.domain, "eval")[: args.prompts]]
+    sets = load_prompt_sets(encoder.encode_prompt, list(dict.fromkeys(args.domain)), args.prompts)
+    g = cfg["generation"]
     report = run_benchmark(
         target,
         draft,
         manager.tokenizer,
-        prompts,
+        sets if len(sets) > 1 else next(iter(sets.values())),
         max_tokens=args.max_tokens,
         temperatures=tuple(args.temperatures),
         ks=tuple(args.ks),
-        max_draft_tokens=args.max_draft_tokens,
+        max_draft_tokens=args.max_draft_tokens or g["max_draft_tokens"],
+        ngram_proposer=g["ngram_proposer"],
+        draft_only_adaptive=args.draft_only_adaptive,
+        profile=not args.no_profile,
     )
     print(format_table(report))
     for path in write_report(report, Path(args.out)):
@@ -226,12 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_demo)
 
     p = command("bench", "Side-by-side speed: target alone, mlx-lm speculative, SpecLoRA.")
-    p.add_argument("--domain", choices=["prose", "code"], default="prose", help="prompt set (default: prose)")
+    p.add_argument(
+        "--domain", choices=["prose", "code"], nargs="+", default=["prose"], help="prompt sets (default: prose)"
+    )
     p.add_argument("--prompts", type=int, default=16, help="number of held-out prompts (default: 16)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per generation (default: 64)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="default: 0 1")
     p.add_argument("--ks", type=int, nargs="+", default=[2, 3, 4], help="fixed draft lengths (default: 2 3 4)")
-    p.add_argument("--max-draft-tokens", type=int, default=8, help="adaptive drafting's largest K (default: 8)")
+    p.add_argument(
+        "--max-draft-tokens", type=int, help="adaptive drafting's largest K (default: generation.max_draft_tokens)"
+    )
+    p.add_argument(
+        "--draft-only-adaptive", action="store_true", help="also run adaptive drafting with the draft model alone"
+    )
+    p.add_argument("--no-profile", action="store_true", help="skip the profiled run (no per-round breakdown)")
     p.add_argument("--out", default="benchmarks/results", help="report directory (default: benchmarks/results)")
     p.set_defaults(run=cmd_bench)
 

@@ -494,6 +494,11 @@ class GenerationConfig(_Section):
         _Int(1, 32),
         "Upper bound for adaptive drafting; >= num_draft_tokens (defaults to it when larger than 8).",
     )
+    ngram_proposer: bool = _opt(
+        True,
+        _Bool(),
+        "Adaptive drafting may also propose tokens by prompt lookup (no model call).",
+    )
     use_chat_template: bool = _opt(
         True, _Bool(), "Format prompts with the tokenizer's chat template."
     )

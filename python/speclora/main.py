@@ -100,6 +100,7 @@ class SpeculativeDecodingSystem:
                 min_p=g.min_p,
                 adaptive_draft=g.adaptive_draft,
                 max_draft_tokens=g.max_draft_tokens,
+                ngram_proposer=g.ngram_proposer,
                 use_chat_template=g.use_chat_template,
                 stop_tokens=self._stop_token_ids(manager.tokenizer, g.stop_tokens),
                 max_kv_size=g.max_kv_size,

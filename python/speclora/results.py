@@ -9,12 +9,28 @@ from speclora.records import Disagreement
 
 
 @dataclass
+class ProposerStats:
+    """Rounds, proposed and accepted tokens of one proposer."""
+
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@dataclass
 class RoundStats:
     """Running totals over the rounds of one or more generations.
 
     The per-position lists follow vLLM's metrics: ``position_accepted[i]`` counts the
     rounds whose draft token ``i`` was accepted, out of ``position_drafted[i]`` rounds
-    that drafted at least ``i + 1`` tokens.
+    that drafted at least ``i + 1`` tokens. Counts cover every proposer;
+    ``proposers`` splits them by proposer (``"draft"``: the draft model, ``"ngram"``:
+    prompt lookup, ``"none"``: plain target steps). ``timings`` adds up the phases
+    of profiled rounds (see :data:`speclora.decoding.PHASES`).
     """
 
     num_rounds: int = 0
@@ -23,11 +39,17 @@ class RoundStats:
     num_tokens: int = 0
     position_drafted: list[int] = field(default_factory=list)
     position_accepted: list[int] = field(default_factory=list)
-    draft_seconds: float = 0.0
-    verify_seconds: float = 0.0
     round_seconds: float = 0.0
+    proposers: dict[str, ProposerStats] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def add(self, r: Round) -> None:
+        by = self.proposers.setdefault(r.proposer, ProposerStats())
+        by.rounds += 1
+        by.drafted += r.drafted
+        by.accepted += r.accepted
+        for phase, seconds in r.timings.items():
+            self.timings[phase] = self.timings.get(phase, 0.0) + seconds
         self.num_rounds += 1
         self.num_draft_tokens += r.drafted
         self.num_accepted_tokens += r.accepted
@@ -39,9 +61,15 @@ class RoundStats:
         for i in range(r.drafted):
             self.position_drafted[i] += 1
             self.position_accepted[i] += int(i < r.accepted)
-        self.draft_seconds += r.draft_seconds
-        self.verify_seconds += r.verify_seconds
         self.round_seconds += r.seconds
+
+    @property
+    def draft_seconds(self) -> float:
+        return self.timings.get("draft", 0.0)
+
+    @property
+    def verify_seconds(self) -> float:
+        return self.timings.get("verify", 0.0)
 
     @property
     def acceptance_rate(self) -> float:
