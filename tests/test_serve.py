@@ -438,6 +438,22 @@ def test_models_health_and_metrics(zoo_server: Server) -> None:
         delta('speclora_request_duration_seconds_count{route="/v1/completions"}') == 1
     )
     assert delta("speclora_generations_total") == 1
+    proposers = (reply.model_extra or {})["speclora"]["proposers"]
+    assert sum(c["drafted"] for c in proposers.values()) == timings["draft_n"]
+    assert sum(c["accepted"] for c in proposers.values()) == timings["draft_n_accepted"]
+    for name, counts in proposers.items():
+        assert (
+            delta(f'speclora_proposer_tokens_total{{proposer="{name}"}}')
+            == counts["drafted"]
+        )
+        assert (
+            delta(f'speclora_proposer_tokens_accepted_total{{proposer="{name}"}}')
+            == counts["accepted"]
+        )
+        assert (
+            delta(f'speclora_proposer_rounds_total{{proposer="{name}"}}')
+            == counts["rounds"]
+        )
     assert delta('speclora_draft_position_drafted_total{position="0"}') >= 1
     assert 0 < after['speclora_acceptance_rate{window="overall"}'] < 1
     assert after['speclora_adapter_info{active="none",serving="base"}'] == 1

@@ -169,7 +169,7 @@ class ServerMetrics:
         )
         self.draft_tokens = Counter(
             "speclora_draft_tokens",
-            "Tokens the draft proposed, by adapter.",
+            "Tokens proposed (every proposer), by the draft adapter serving.",
             ["adapter"],
             registry=r,
         )
@@ -206,6 +206,24 @@ class ServerMetrics:
             "Decoding speed of the last completed generation.",
             registry=r,
         )
+        self.proposer_rounds = Counter(
+            "speclora_proposer_rounds",
+            "Rounds by proposer (draft: the draft model, ngram: prompt lookup, none: a plain target step).",
+            ["proposer"],
+            registry=r,
+        )
+        self.proposer_drafted = Counter(
+            "speclora_proposer_tokens",
+            "Tokens proposed, by proposer.",
+            ["proposer"],
+            registry=r,
+        )
+        self.proposer_accepted = Counter(
+            "speclora_proposer_tokens_accepted",
+            "Proposed tokens the target accepted, by proposer.",
+            ["proposer"],
+            registry=r,
+        )
         r.register(_SystemCollector(snapshot, queue))
 
     def generation_done(
@@ -228,6 +246,10 @@ class ServerMetrics:
         adapter = outcome.speclora["adapter"]
         self.draft_tokens.labels(adapter).inc(result.num_draft_tokens)
         self.accepted_tokens.labels(adapter).inc(result.num_accepted_tokens)
+        for proposer, counts in result.stats.proposers.items():
+            self.proposer_rounds.labels(proposer).inc(counts.rounds)
+            self.proposer_drafted.labels(proposer).inc(counts.drafted)
+            self.proposer_accepted.labels(proposer).inc(counts.accepted)
         for i, (drafted, accepted) in enumerate(
             zip(result.stats.position_drafted, result.stats.position_accepted)
         ):

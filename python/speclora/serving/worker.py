@@ -495,6 +495,14 @@ class GenerationWorker:
                 "adapter": adapter,
                 "mode": mode,
                 "queue_ms": queue_ms,
+                "proposers": {
+                    name: {
+                        "rounds": c.rounds,
+                        "drafted": c.drafted,
+                        "accepted": c.accepted,
+                    }
+                    for name, c in result.stats.proposers.items()
+                },
             },
         )
 
