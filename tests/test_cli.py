@@ -40,7 +40,7 @@ def config_file(tiny_model_dir, tmp_path):
     return path
 
 
-@pytest.mark.parametrize("command", ["generate", "train", "stats", "demo", "bench"])
+@pytest.mark.parametrize("command", ["generate", "train", "stats", "adapters", "demo", "bench", "serve"])
 def test_every_command_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])

@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -614,9 +615,17 @@ _WAIT_FOR_LOCK = textwrap.dedent(
 
     def traced(conn):
         configure(conn)
+
         # Called as each statement starts, from inside SQLite's step: once this has
-        # printed BEGIN IMMEDIATE, the process is waiting on the lock.
-        conn.set_trace_callback(lambda sql: print(sql, flush=True))
+        # printed BEGIN IMMEDIATE, the process is waiting on the lock. It removes
+        # itself first: SQLite swallows an exception raised inside a callback, so
+        # a Ctrl-C landing there would be lost to the test, not to a user.
+        def once(sql):
+            if sql == "BEGIN IMMEDIATE":
+                conn.set_trace_callback(None)
+                print(sql, flush=True)
+
+        conn.set_trace_callback(once)
 
     data_collector._configure = traced
     collector = DataCollector(sys.argv[1])
@@ -647,9 +656,16 @@ def test_ctrl_c_while_waiting_for_a_lock_ends_the_wait(tmp_path: Path) -> None:
                 break
         else:
             pytest.fail(f"the writer never tried to write: {proc.stderr.read()}")
-        proc.send_signal(signal.SIGINT)
-        # A sixth of the lock wait: an ignored Ctrl-C would wait all of it.
-        _, err = proc.communicate(timeout=data_collector._BUSY_TIMEOUT_S / 6)
+        # Until it exits, within half the lock wait (an ignored Ctrl-C waits all of
+        # it); repeated in case one lands in the callback's last bytecodes.
+        deadline = time.monotonic() + data_collector._BUSY_TIMEOUT_S / 2
+        while proc.poll() is None and time.monotonic() < deadline:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+        _, err = proc.communicate(timeout=1.0)
     finally:
         if proc.poll() is None:
             proc.kill()

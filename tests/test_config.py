@@ -23,6 +23,7 @@ from speclora.config import (
     GenerationConfig,
     LoggingConfig,
     ModelsConfig,
+    ServeConfig,
     TrainingConfig,
     load_config,
 )
@@ -36,6 +37,7 @@ SECTIONS = {
     "collection": CollectionConfig,
     "training": TrainingConfig,
     "logging": LoggingConfig,
+    "serve": ServeConfig,
 }
 
 # (dotted key, bad value): each must be refused with the key and the value named.
@@ -366,6 +368,8 @@ I32, I64, U64 = 2**31 - 1, 2**63 - 1, 2**64 - 1
 # bounds are what the code each value reaches can hold: MLX's int32 sizes and
 # positions, SQLite's int64, mx.random.seed's uint64, float32 arithmetic.
 UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
+    "serve.port": (65535, True),
+    "serve.queue_size": (2**20, True),
     "models.quantize_bits": (8, True),
     "models.quantize_group_size": (128, True),
     "generation.max_tokens": (I32, True),
