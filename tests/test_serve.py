@@ -356,6 +356,9 @@ def test_stop_strings_cut_the_answer_streamed_or_not(
         model="m", prompt=prompt, max_tokens=MAX_TOKENS, stop=[stop, "\x00never"]
     )
     assert (reply.choices[0].text, reply.choices[0].finish_reason) == (expected, "stop")
+    # The rounds decoded before the cut still report their drafts.
+    timings = (reply.model_extra or {})["timings"]
+    assert timings["draft_n"] > 0 and 0 <= timings["draft_n_accepted"] <= timings["draft_n"]
     streamed = list(
         client.completions.create(
             model="m", prompt=prompt, max_tokens=MAX_TOKENS, stop=stop, stream=True

@@ -292,7 +292,7 @@ class SpeculativeDecodingSystem:
                         result: GenerationResult = done.value
                         break
                     if r.tokens:
-                        yield StreamChunk(list(r.tokens))
+                        yield StreamChunk(list(r.tokens), drafted=r.drafted, accepted=r.accepted)
             except (ValueError, MemoryError):
                 raise
             except Exception as e:

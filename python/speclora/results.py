@@ -155,9 +155,12 @@ class StreamChunk:
     """A piece of a streamed generation.
 
     Every chunk but the last carries the ``tokens`` one round decided (final:
-    the concatenation of all chunks' tokens is the generation); the last has no
-    tokens and the whole ``result``.
+    the concatenation of all chunks' tokens is the generation) and that round's
+    ``drafted`` / ``accepted`` counts, so a caller that stops early still knows
+    them; the last has no tokens and the whole ``result``.
     """
 
     tokens: list[int]
     result: GenerationResult | None = None
+    drafted: int = 0
+    accepted: int = 0

@@ -354,7 +354,7 @@ class GenerationWorker:
         stop = StopMatcher(spec.stop)
         param = "messages" if spec.kind == "chat" else "prompt"
         text: list[str] = []
-        count = 0
+        count = drafted = accepted = 0
         hit = False
         started = False
         result: GenerationResult | None = None
@@ -382,6 +382,8 @@ class GenerationWorker:
                 if chunk.result is not None:
                     result = chunk.result
                     break
+                drafted += chunk.drafted
+                accepted += chunk.accepted
                 for token in chunk.tokens:
                     detok.add_token(token)
                 count += len(chunk.tokens)
@@ -415,7 +417,7 @@ class GenerationWorker:
             self._release(job, text, released)
         self._refresh_stats()  # the adapter that drafted, the new counters
         outcome = self._outcome(
-            job, "".join(text), len(prompt), count, result, hit, mode, self.stats
+            job, "".join(text), len(prompt), count, result, hit, mode, self.stats, (drafted, accepted)
         )
         outcome.speclora["collected"] = bool(
             mode == "detailed"
@@ -448,13 +450,15 @@ class GenerationWorker:
         hit: bool,
         mode: str,
         stats: dict[str, Any],
+        drafts: tuple[int, int],
     ) -> Outcome:
         assert job.started is not None
         adapter = _adapter_name(stats.get("adapter_path"))
         queue_ms = (job.started - job.submitted) * 1000
         if result is None:
-            # Cut at a stop string: the system reports no statistics then.
+            # Cut at a stop string: the rounds streamed so far give the figures.
             elapsed_ms = (time.monotonic() - job.started) * 1000
+            drafted, accepted = drafts
             return Outcome(
                 text=text,
                 finish_reason="stop",
@@ -464,8 +468,15 @@ class GenerationWorker:
                     "prompt_n": prompt_len,
                     "predicted_n": count,
                     "predicted_ms": elapsed_ms,
+                    "draft_n": drafted,
+                    "draft_n_accepted": accepted,
                 },
-                speclora={"adapter": adapter, "mode": mode, "queue_ms": queue_ms},
+                speclora={
+                    "acceptance_rate": accepted / drafted if drafted else 0.0,
+                    "adapter": adapter,
+                    "mode": mode,
+                    "queue_ms": queue_ms,
+                },
             )
         decode_ms = result.decode_s * 1000
         prompt_ms = max(result.elapsed_s - result.decode_s, 0.0) * 1000
