@@ -39,6 +39,9 @@ from speclora.sampling import LogitsFilter, SamplingParams, sample
 PREFILL_STEP = 512
 # Most tokens asked of prompt lookup per round (the policy takes a prefix).
 MAX_PROPOSAL = 32
+# Tokens the draft has not seen are fed with its first draft step, up to this
+# many; beyond, they are prefilled in chunks first.
+DRAFT_CATCH_UP = 64
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -280,12 +283,12 @@ def speculative_rounds(
     )
     prompt = mx.array(history, mx.uint32)
     _prefill(target, target_cache, prompt[:-1], quantization)
-    _prefill(draft, draft_cache, prompt[:-1], quantization)
     # Tokens each model has yet to see: the target always lags by the last emitted
-    # token; the draft by every token emitted since it last drafted, plus its own
+    # token; the draft by every token since it last drafted (the prompt, until it
+    # first drafts: a generation that never needs it never runs it), plus its own
     # last draft after a round where every draft survived.
     target_pending = history[-1:]
-    draft_pending = history[-1:]
+    draft_pending = list(history)
     produced = 0
     vocab = vocab_size(target)
 
@@ -310,7 +313,7 @@ def speculative_rounds(
         drafted: list[mx.array] = []
         draft_logits: list[mx.array] = []
         if proposer == DRAFT:
-            if len(draft_pending) > PREFILL_STEP:
+            if len(draft_pending) > DRAFT_CATCH_UP:
                 _prefill(draft, draft_cache, mx.array(draft_pending[:-1], mx.uint32), quantization)
                 draft_pending = draft_pending[-1:]
             y = mx.array(draft_pending, mx.uint32)

@@ -122,7 +122,7 @@ class SpeculativeDecoder:
         self.stop_tokens = frozenset(tokenizer.eos_token_ids) | frozenset(stop_tokens or ())
         self.max_kv_size = max_kv_size
         self.profile = profile
-        self._policy: DraftLengthPolicy | None = None
+        self._policies: dict[float, DraftLengthPolicy] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -156,19 +156,21 @@ class SpeculativeDecoder:
             return tokens
         raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
-    def draft_policy(self) -> DraftLengthPolicy:
-        """The policy choosing each round's proposal; adaptive state persists
-        across calls."""
-        if self._policy is None:
+    def draft_policy(self, temperature: float | None = None) -> DraftLengthPolicy:
+        """The policy choosing each round's proposal at ``temperature`` (default:
+        the decoder's). Adaptive state persists across calls, one per temperature:
+        how often proposals are accepted depends on it."""
+        t = self.sampling.temperature if temperature is None else temperature
+        if t not in self._policies:
             if self.adaptive_draft:
                 if self.round_cost is None:
                     self.round_cost = measure_round_cost(
                         self.target_model, self.draft_model, max_k=self.max_draft_tokens
                     )
-                self._policy = self._adaptive_policy(self.round_cost)
+                self._policies[t] = self._adaptive_policy(self.round_cost)
             else:
-                self._policy = FixedDraftLength(self.num_draft_tokens)
-        return self._policy
+                self._policies[t] = FixedDraftLength(self.num_draft_tokens)
+        return self._policies[t]
 
     def _adaptive_policy(self, cost: RoundCost) -> DraftLengthPolicy:
         """Fast mode weighs every proposer against a plain target step."""
@@ -248,7 +250,8 @@ class SpeculativeDecoder:
             keep_draft_logits=self._recorder(sampling.temperature) is not None,
         )
         recorder = self._recorder(sampling.temperature)
-        policy = self.draft_policy()  # may time the models once; not part of this generation
+        # May time the models once; not part of this generation.
+        policy = self.draft_policy(sampling.temperature)
         stats = RoundStats()
         tokens: list[int] = []
         finish_reason = "length"
