@@ -32,7 +32,7 @@ from speclora.checkpoint import (
     save_adapter_checkpoint,
 )
 from speclora.config import TrainingConfig
-from speclora.models import unfuse_adapter
+from speclora.adapters import unfuse_adapter
 from speclora.records import TrainingExample
 
 logger = logging.getLogger(__name__)
