@@ -3,6 +3,8 @@ per-position acceptance, probes, cost measurement."""
 
 from __future__ import annotations
 
+import random
+
 import speclora  # noqa: F401  (must precede mlx.core: it preloads OpenBLAS)
 
 import pytest
@@ -17,6 +19,7 @@ from speclora.drafting import (
     Plan,
     PositionAcceptance,
     RoundCost,
+    RoundTimeModel,
     expected_tokens,
     measure_round_cost,
 )
@@ -136,6 +139,52 @@ def test_probes_notice_a_draft_that_became_good():
     _run(policy, {DRAFT: 0.0}, 300)
     plans = _run(policy, {DRAFT: 1.0}, 600)
     assert plans[-1].proposer == DRAFT and plans[-1].k >= 4
+
+
+def test_round_time_model_starts_from_the_isolated_measurement():
+    cost = RoundCost(draft_step=0.2, verify_extra=0.05, target_step_s=0.004, verify=(1.0, 1.3, 1.35, 1.4, 1.45))
+    model = RoundTimeModel(cost, max_k=4)
+    for k in (0, 1, 4):
+        assert model.seconds(k, NGRAM) == pytest.approx(cost.of(k, NGRAM) * 0.004)
+        assert model.seconds(k, DRAFT) == pytest.approx(cost.of(k, DRAFT) * 0.004)
+
+
+def test_round_time_model_learns_the_rounds_own_costs():
+    # Isolated: a multi-token pass looks 40% dearer than one token; in the loop it is 10%.
+    model = RoundTimeModel(RoundCost(draft_step=0.2, verify_extra=0.1, target_step_s=1.0), max_k=8)
+
+    def truth(k: int, proposer: str) -> float:
+        return 2.0 + 0.15 * (k >= 1) + 0.02 * k + (0.3 * k if proposer == DRAFT else 0.0)
+
+    for i in range(400):
+        k, proposer = i % 5, (DRAFT, NGRAM)[i % 2]
+        model.observe(k, proposer, truth(k, proposer))
+    for k in range(6):
+        for proposer in (DRAFT, NGRAM):
+            # Within what the pull toward the isolated measurement leaves.
+            assert model.seconds(k, proposer) == pytest.approx(truth(k, proposer), rel=0.05)
+
+
+def test_round_time_model_keeps_a_stray_round_from_moving_it_far():
+    model = RoundTimeModel(RoundCost(draft_step=0.2, target_step_s=1.0), max_k=8)
+    before = model.seconds(0, NONE)
+    model.observe(0, NONE, 1000.0)
+    assert model.seconds(0, NONE) < 3 * before
+
+
+def test_rounds_that_show_verification_is_cheap_bring_speculation_back():
+    # Isolated, verifying looked so dear that speculation would never pay.
+    policy = AdaptiveDraftLength(RoundCost(draft_step=0.1, verify_extra=0.6, target_step_s=1.0), max_k=8)
+    assert policy.plan() == Plan(NONE, 0)
+    rng = random.Random(0)
+    for _ in range(600):
+        plan = policy.plan()
+        accepted = 0  # each draft survives with probability 1/2
+        while accepted < plan.k and rng.random() < 0.5:
+            accepted += 1
+        # In the loop a round costs 1 + 0.05 per verified token + 0.1 per draft step.
+        policy.update(plan, accepted, seconds=1.0 + 0.15 * plan.k)
+    assert policy.plan().proposer == DRAFT
 
 
 def test_adaptive_policy_rejects_bad_arguments():

@@ -97,7 +97,7 @@ class LookupFirst:
     def plan(self, ngram: NgramProposal) -> Plan:
         return Plan(NGRAM, len(ngram.tokens)) if ngram.tokens else self.fallback
 
-    def update(self, plan: Plan, accepted: int) -> None:
+    def update(self, plan: Plan, accepted: int, seconds: float | None = None) -> None:
         return None
 
 
@@ -279,7 +279,7 @@ def test_policy_sees_no_lookup_it_did_not_ask_for(target, draft):
             seen.append(ngram)
             return Plan(DRAFT, 2)
 
-        def update(self, plan: Plan, accepted: int) -> None:
+        def update(self, plan: Plan, accepted: int, seconds: float | None = None) -> None:
             return None
 
     run(target, draft, [1, 1, 1, 1], 8, Spy())

@@ -283,12 +283,12 @@ def speculative_rounds(
     )
     prompt = mx.array(history, mx.uint32)
     _prefill(target, target_cache, prompt[:-1], quantization)
+    _prefill(draft, draft_cache, prompt[:-1], quantization)
     # Tokens each model has yet to see: the target always lags by the last emitted
-    # token; the draft by every token since it last drafted (the prompt, until it
-    # first drafts: a generation that never needs it never runs it), plus its own
+    # token; the draft by every token emitted since it last drafted, plus its own
     # last draft after a round where every draft survived.
     target_pending = history[-1:]
-    draft_pending = list(history)
+    draft_pending = history[-1:]
     produced = 0
     vocab = vocab_size(target)
 
@@ -312,6 +312,8 @@ def speculative_rounds(
 
         drafted: list[mx.array] = []
         draft_logits: list[mx.array] = []
+        # A draft catching up on many tokens makes a round no policy could price.
+        typical = proposer != DRAFT or len(draft_pending) <= 2
         if proposer == DRAFT:
             if len(draft_pending) > DRAFT_CATCH_UP:
                 _prefill(draft, draft_cache, mx.array(draft_pending[:-1], mx.uint32), quantization)
@@ -380,7 +382,8 @@ def speculative_rounds(
             draft_pending = emitted[-1:]
         target_pending = emitted[-1:]
         clock.mark("rollback", *([c.state for c in target_cache] if target_rewind.recurrent else []))
-        policy.update(Plan(proposer, k), n)
+        seconds = time.perf_counter() - clock.start if typical else None
+        policy.update(Plan(proposer, k), n, seconds=seconds)
 
         next_token = emitted[-1]
         stopped = False
@@ -391,7 +394,6 @@ def speculative_rounds(
         history.extend(emitted)
         if lookup is not None:
             lookup.extend(emitted)
-        seconds = clock.done()
         yield Round(
             position=produced,
             proposer=proposer,
@@ -404,7 +406,7 @@ def speculative_rounds(
             target_logits=t_logits,
             raw_target_logits=raw,
             stopped=stopped,
-            seconds=seconds,
+            seconds=clock.done(),
             timings=clock.timings,
         )
         produced += len(emitted)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import mlx.core as mx
+import numpy as np
 
 from speclora.ngram import NO_PROPOSAL, NgramProposal
 
@@ -110,7 +111,7 @@ class DraftLengthPolicy(Protocol):
 
     def plan(self, ngram: NgramProposal) -> Plan: ...
 
-    def update(self, plan: Plan, accepted: int) -> None: ...
+    def update(self, plan: Plan, accepted: int, seconds: float | None = None) -> None: ...
 
 
 @dataclass
@@ -123,7 +124,7 @@ class FixedDraftLength:
     def plan(self, ngram: NgramProposal = NO_PROPOSAL) -> Plan:
         return Plan(DRAFT, self.k) if self.k else Plan(NONE, 0)
 
-    def update(self, plan: Plan, accepted: int) -> None:
+    def update(self, plan: Plan, accepted: int, seconds: float | None = None) -> None:
         return None
 
 
@@ -176,21 +177,82 @@ class PositionAcceptance:
             self._accepted[i] += float(i < accepted)
 
 
+class RoundTimeModel:
+    """Seconds a round takes, as a function of what it proposes, learnt from rounds.
+
+    ``t(k, proposer) = a + b [k >= 1] + v k + d k [proposer is the draft model]``: a
+    plain target step, the jump from a one-token pass to a multi-token one (on CPUs,
+    matrix-vector to matrix-matrix products), each further verified token, each
+    draft step. The parameters are a weighted least-squares fit with forgetting,
+    pulled toward the isolated measurement (``RoundCost``) with the weight of
+    ``prior_rounds`` rounds, so that terms the rounds seen so far cannot tell apart
+    stay at their measured values. Measured in the loop, costs include what the
+    isolated measurement misses (caches shared by two models, a busy machine,
+    Python between passes).
+
+    Args:
+        cost (RoundCost): The isolated measurement (its ``target_step_s`` sets the
+          unit; ``1`` when it has none).
+        max_k (int): The largest ``K`` the policy considers.
+        forgetting (float): Weight of the past per observed round. Default: ``0.98``.
+        prior_rounds (float): Weight of the isolated measurement. Default: ``1.0``.
+    """
+
+    TYPICAL_K = 3.0
+
+    def __init__(self, cost: RoundCost, *, max_k: int, forgetting: float = 0.98, prior_rounds: float = 1.0) -> None:
+        unit = cost.target_step_s or 1.0
+        v1 = cost.verify_cost(1)
+        slope = (cost.verify_cost(max_k) - v1) / (max_k - 1) if max_k > 1 else cost.verify_extra
+        self.prior = np.array([1.0, v1 - 1.0 - slope, slope, cost.draft_step]) * unit
+        k2 = self.TYPICAL_K**2
+        self._pull = prior_rounds * np.diag([1.0, 1.0, k2, k2])
+        self._gram = np.zeros((4, 4))
+        self._moment = np.zeros(4)
+        self.forgetting = forgetting
+        self.theta: np.ndarray = self.prior.copy()
+        self._coef = [float(c) for c in self.theta]  # host floats: read every round
+        self._floor = 0.1 * float(self.prior[0])
+
+    @staticmethod
+    def features(k: int, proposer: str) -> np.ndarray:
+        return np.array([1.0, float(k >= 1), float(k), float(k) if proposer == DRAFT else 0.0])
+
+    def seconds(self, k: int, proposer: str) -> float:
+        """Expected seconds of a round proposing ``k`` tokens with ``proposer``."""
+        a, b, v, d = self._coef
+        t = a + (b if k >= 1 else 0.0) + k * (v + (d if proposer == DRAFT else 0.0))
+        # A fit cannot make rounds free.
+        return max(t, self._floor)
+
+    def observe(self, k: int, proposer: str, seconds: float) -> None:
+        """Fit in a round that took ``seconds``."""
+        x = self.features(k, proposer)
+        # A stray slow round (a first draft step feeding the whole prompt, a pause
+        # of the machine) must not move the fit far.
+        y = min(seconds, 3.0 * self.seconds(k, proposer))
+        self._gram = self.forgetting * self._gram + np.outer(x, x)
+        self._moment = self.forgetting * self._moment + x * y
+        self.theta = np.linalg.solve(self._gram + self._pull, self._moment + self._pull @ self.prior)
+        self._coef = [float(c) for c in self.theta]
+
+
 class AdaptiveDraftLength:
-    """Each round, the proposer and ``K`` with the most expected tokens per unit cost.
+    """Each round, the proposer and ``K`` with the most expected tokens per second.
 
     Candidates: a plain target step (``K = 0``, unless ``min_k >= 1``); the draft
     model with ``K`` in ``[max(1, min_k), max_k]``; and, when ``ngram`` is on and
     prompt lookup found a match, the first ``K`` of its proposal. Acceptance is
     learnt per proposer and position (for prompt lookup, per matched suffix
-    length too). A proposer left unused for a while is tried again with one token
+    length too); seconds per round by a :class:`RoundTimeModel` fitted to the
+    rounds' own timings, starting from ``cost``. A proposer left unused for a while is tried again with one token
     (a probe), at intervals that double while probes are rejected (up to
     ``MAX_PROBE_INTERVAL`` rounds) and shrink back once one is accepted, so a
     draft that improves (an adapter swap, easier text) is noticed, at a bounded
     cost when it does not.
 
     Args:
-        cost (RoundCost): Measured draft and verification costs.
+        cost (RoundCost): Draft and verification costs measured in isolation.
         max_k (int): Largest ``K`` considered. Default: ``8``.
         min_k (int): Smallest ``K`` of the draft model; ``1`` or more keeps the
           draft model drafting every round (no plain steps, no prompt lookup).
@@ -227,6 +289,7 @@ class AdaptiveDraftLength:
         if probe_interval < 1:
             raise ValueError(f"probe_interval must be >= 1, got {probe_interval}")
         self.cost = cost
+        self.time = RoundTimeModel(cost, max_k=max_k)
         self.max_k = max_k
         self.min_k = min_k
         self.uses_ngram = ngram and min_k == 0
@@ -252,17 +315,21 @@ class AdaptiveDraftLength:
     def _best(self, proposer: str, rates: list[float], low: int) -> tuple[float, int]:
         """Best (tokens per cost, K) for ``proposer`` among ``K`` in ``[low, len(rates)]``."""
         best = (-1.0, low)
-        for k in range(low, len(rates) + 1):
-            value = expected_tokens(rates, k) / self.cost.of(k, proposer)
-            if value > best[0]:
-                best = (value, k)
+        tokens = reach = 1.0
+        for k in range(1, len(rates) + 1):
+            reach *= rates[k - 1]
+            tokens += reach  # expected_tokens(rates, k)
+            if k >= low:
+                value = tokens / self.time.seconds(k, proposer)
+                if value > best[0]:
+                    best = (value, k)
         return best
 
     def plan(self, ngram: NgramProposal = NO_PROPOSAL) -> Plan:
         draft_value, draft_k = self._best(DRAFT, self._rates(DRAFT).rates(self.max_k), max(1, self.min_k))
         choices = [(draft_value, Plan(DRAFT, draft_k))]
         if self.min_k == 0:
-            choices.append((1.0 / self.cost.of(0), Plan(NONE, 0)))
+            choices.append((1.0 / self.time.seconds(0, NONE), Plan(NONE, 0)))
         available = {DRAFT: True, NGRAM: self.uses_ngram and len(ngram.tokens) > 0}
         if available[NGRAM]:
             rates = self._rates(NGRAM, ngram.match).rates(min(len(ngram.tokens), self.max_k))
@@ -287,7 +354,9 @@ class AdaptiveDraftLength:
         self._match = ngram.match
         return chosen
 
-    def update(self, plan: Plan, accepted: int) -> None:
+    def update(self, plan: Plan, accepted: int, seconds: float | None = None) -> None:
+        if seconds is not None:
+            self.time.observe(plan.k, plan.proposer, seconds)
         if self._probe is not None and accepted > 0:
             self._interval[self._probe] = self.probe_interval
         if plan.proposer == DRAFT:
