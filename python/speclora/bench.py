@@ -270,7 +270,7 @@ def run_benchmark(
         prompt), ``summary`` (fast mode's ratios per set and their geometric means).
     """
     sets = prompts if isinstance(prompts, dict) else {"": prompts}
-    cost = measure_round_cost(target, draft, max_k=max(max_draft_tokens, *ks))
+    cost = measure_round_cost(target, draft, max_k=max(max_draft_tokens, *ks), repeats=16)
     eos = set(tokenizer.eos_token_ids)
     adaptive_kinds = {ADAPTIVE: ngram_proposer}
     if draft_only_adaptive:
