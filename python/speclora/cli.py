@@ -147,6 +147,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ngram_proposer=g["ngram_proposer"],
         draft_only_adaptive=args.draft_only_adaptive,
         profile=not args.no_profile,
+        repeats=args.repeats,
     )
     print(format_table(report))
     for path in write_report(report, Path(args.out)):
@@ -243,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft-only-adaptive", action="store_true", help="also run adaptive drafting with the draft model alone"
     )
     p.add_argument("--no-profile", action="store_true", help="skip the profiled run (no per-round breakdown)")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="runs per prompt and method, the fastest counted (default: 1)"
+    )
     p.add_argument("--out", default="benchmarks/results", help="report directory (default: benchmarks/results)")
     p.set_defaults(run=cmd_bench)
 
