@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import mlx.core as mx
-import numpy as np
 
 from speclora.ngram import NO_PROPOSAL, NgramProposal
 
@@ -190,37 +189,50 @@ class RoundTimeModel:
     isolated measurement misses (caches shared by two models, a busy machine,
     Python between passes).
 
+    The arithmetic is plain Python on 4 numbers: it runs every round, between
+    model calls, where a NumPy call costs more than the whole fit.
+
     Args:
         cost (RoundCost): The isolated measurement (its ``target_step_s`` sets the
           unit; ``1`` when it has none).
         max_k (int): The largest ``K`` the policy considers.
-        forgetting (float): Weight of the past per observed round. Default: ``0.98``.
+        forgetting (float): Weight of the past per observed round. Default: ``0.99``.
         prior_rounds (float): Weight of the isolated measurement. Default: ``1.0``.
+        refit_every (int): Rounds between two solutions of the fit. Default: ``4``.
     """
 
     TYPICAL_K = 3.0
 
-    def __init__(self, cost: RoundCost, *, max_k: int, forgetting: float = 0.98, prior_rounds: float = 1.0) -> None:
+    def __init__(
+        self,
+        cost: RoundCost,
+        *,
+        max_k: int,
+        forgetting: float = 0.99,
+        prior_rounds: float = 1.0,
+        refit_every: int = 4,
+    ) -> None:
         unit = cost.target_step_s or 1.0
         v1 = cost.verify_cost(1)
         slope = (cost.verify_cost(max_k) - v1) / (max_k - 1) if max_k > 1 else cost.verify_extra
-        self.prior = np.array([1.0, v1 - 1.0 - slope, slope, cost.draft_step]) * unit
+        self.prior = [unit, (v1 - 1.0 - slope) * unit, slope * unit, cost.draft_step * unit]
         k2 = self.TYPICAL_K**2
-        self._pull = prior_rounds * np.diag([1.0, 1.0, k2, k2])
-        self._gram = np.zeros((4, 4))
-        self._moment = np.zeros(4)
+        self._pull = [prior_rounds * w for w in (1.0, 1.0, k2, k2)]  # a diagonal
+        self._gram = [[0.0] * 4 for _ in range(4)]
+        self._moment = [0.0] * 4
         self.forgetting = forgetting
-        self.theta: np.ndarray = self.prior.copy()
-        self._coef = [float(c) for c in self.theta]  # host floats: read every round
-        self._floor = 0.1 * float(self.prior[0])
+        self.refit_every = refit_every
+        self._pending = 0
+        self.theta = list(self.prior)
+        self._floor = 0.1 * unit
 
     @staticmethod
-    def features(k: int, proposer: str) -> np.ndarray:
-        return np.array([1.0, float(k >= 1), float(k), float(k) if proposer == DRAFT else 0.0])
+    def features(k: int, proposer: str) -> list[float]:
+        return [1.0, float(k >= 1), float(k), float(k) if proposer == DRAFT else 0.0]
 
     def seconds(self, k: int, proposer: str) -> float:
         """Expected seconds of a round proposing ``k`` tokens with ``proposer``."""
-        a, b, v, d = self._coef
+        a, b, v, d = self.theta
         t = a + (b if k >= 1 else 0.0) + k * (v + (d if proposer == DRAFT else 0.0))
         # A fit cannot make rounds free.
         return max(t, self._floor)
@@ -228,13 +240,38 @@ class RoundTimeModel:
     def observe(self, k: int, proposer: str, seconds: float) -> None:
         """Fit in a round that took ``seconds``."""
         x = self.features(k, proposer)
-        # A stray slow round (a first draft step feeding the whole prompt, a pause
-        # of the machine) must not move the fit far.
+        # A stray slow round (a pause of the machine) must not move the fit far.
         y = min(seconds, 3.0 * self.seconds(k, proposer))
-        self._gram = self.forgetting * self._gram + np.outer(x, x)
-        self._moment = self.forgetting * self._moment + x * y
-        self.theta = np.linalg.solve(self._gram + self._pull, self._moment + self._pull @ self.prior)
-        self._coef = [float(c) for c in self.theta]
+        f = self.forgetting
+        for i in range(4):
+            row = self._gram[i]
+            for j in range(4):
+                row[j] = f * row[j] + x[i] * x[j]
+            self._moment[i] = f * self._moment[i] + x[i] * y
+        self._pending += 1
+        if self._pending >= self.refit_every:
+            self._pending = 0
+            self.theta = _solve(
+                [[g + (self._pull[i] if i == j else 0.0) for j, g in enumerate(row)] for i, row in enumerate(self._gram)],
+                [m + self._pull[i] * self.prior[i] for i, m in enumerate(self._moment)],
+            )
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """``a x = b`` for a small symmetric positive definite ``a`` (Gaussian elimination)."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for c in range(n):
+        pivot = m[c][c]
+        for r in range(c + 1, n):
+            factor = m[r][c] / pivot
+            if factor:
+                for j in range(c, n + 1):
+                    m[r][j] -= factor * m[c][j]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (m[r][n] - sum(m[r][j] * x[j] for j in range(r + 1, n))) / m[r][r]
+    return x
 
 
 class AdaptiveDraftLength:
