@@ -283,10 +283,11 @@ class AdaptiveDraftLength:
     learnt per proposer and position (for prompt lookup, per matched suffix
     length too); seconds per round by a :class:`RoundTimeModel` fitted to the
     rounds' own timings, starting from ``cost``. A proposer left unused for a while is tried again with one token
-    (a probe), at intervals that double while probes are rejected (up to
-    ``MAX_PROBE_INTERVAL`` rounds) and shrink back once one is accepted, so a
-    draft that improves (an adapter swap, easier text) is noticed, at a bounded
-    cost when it does not.
+    (a probe), at intervals that double with each probe (up to
+    ``MAX_PROBE_INTERVAL`` rounds) and start again once the proposer is chosen:
+    a draft that improves (an adapter swap, easier text), or whose rounds prove
+    cheaper than measured in isolation, is noticed, at a bounded cost when it
+    does not.
 
     Args:
         cost (RoundCost): Draft and verification costs measured in isolation.
@@ -300,10 +301,10 @@ class AdaptiveDraftLength:
           Default: ``4.0``.
         decay (float): Per-round forgetting factor in ``(0, 1]``. Default: ``0.95``.
         probe_interval (int): Rounds a proposer may go unused before a probe.
-          Default: ``16``.
+          Default: ``8``.
     """
 
-    MAX_PROBE_INTERVAL = 256
+    MAX_PROBE_INTERVAL = 64
 
     def __init__(
         self,
@@ -315,7 +316,7 @@ class AdaptiveDraftLength:
         initial_acceptance: float = 0.5,
         prior_weight: float = 4.0,
         decay: float = 0.95,
-        probe_interval: int = 16,
+        probe_interval: int = 8,
     ) -> None:
         if max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {max_k}")
@@ -336,7 +337,6 @@ class AdaptiveDraftLength:
         self._idle = {DRAFT: 0, NGRAM: 0}
         self._interval = {DRAFT: probe_interval, NGRAM: probe_interval}
         self._match = 0  # the matched suffix length of the last plan
-        self._probe: str | None = None  # the proposer the last plan probed
 
     def _rates(self, proposer: str, match: int = 0) -> PositionAcceptance:
         key = (proposer, match)
@@ -379,13 +379,12 @@ class AdaptiveDraftLength:
                 self._interval[proposer] = self.probe_interval
             elif available[proposer]:
                 self._idle[proposer] += 1
-        self._probe = None
         for proposer in PROPOSERS:
             if available[proposer] and self._idle[proposer] >= self._interval[proposer]:
-                # A probe; the next one comes later unless this one is accepted.
+                # A probe; the next one comes later unless what it taught (its
+                # acceptance, its cost) gets the proposer chosen.
                 self._idle[proposer] = 0
                 self._interval[proposer] = min(2 * self._interval[proposer], self.MAX_PROBE_INTERVAL)
-                self._probe = proposer
                 chosen = Plan(proposer, 1)
                 break
         self._match = ngram.match
@@ -394,8 +393,6 @@ class AdaptiveDraftLength:
     def update(self, plan: Plan, accepted: int, seconds: float | None = None) -> None:
         if seconds is not None:
             self.time.observe(plan.k, plan.proposer, seconds)
-        if self._probe is not None and accepted > 0:
-            self._interval[self._probe] = self.probe_interval
         if plan.proposer == DRAFT:
             self._rates(DRAFT).update(plan.k, accepted)
         elif plan.proposer == NGRAM:
