@@ -148,10 +148,11 @@ class PositionAcceptance:
         self._accepted: list[float] = []
         self._seen: list[float] = []
 
-    def rates(self, k: int) -> list[float]:
-        """Rates of positions ``0 .. k - 1``."""
+    def rates(self, k: int, prior: float | None = None) -> list[float]:
+        """Rates of positions ``0 .. k - 1`` (position 0 shrunk toward ``prior``
+        when given, else toward the constructor's)."""
         out: list[float] = []
-        previous = self.prior
+        previous = self.prior if prior is None else prior
         for i in range(k):
             acc, seen = (self._accepted[i], self._seen[i]) if i < len(self._seen) else (0.0, 0.0)
             previous = (acc + self.prior_weight * previous) / (seen + self.prior_weight)
@@ -281,9 +282,10 @@ class AdaptiveDraftLength:
     model with ``K`` in ``[max(1, min_k), max_k]``; and, when ``ngram`` is on and
     prompt lookup found a match, the first ``K`` of its proposal. Acceptance is
     learnt per proposer and position (for prompt lookup, per matched suffix
-    length too); seconds per round by a :class:`RoundTimeModel` fitted to the
-    rounds' own timings, starting from ``cost``. A proposer left unused for a while is tried again with one token
-    (a probe), at intervals that double with each probe (up to
+    length too, shrunk toward prompt lookup's overall rate); the seconds a round
+    takes, by a :class:`RoundTimeModel` fitted to the rounds' own timings,
+    starting from ``cost``. A proposer left unused for a while is tried again
+    with one token (a probe), at intervals that double with each probe (up to
     ``MAX_PROBE_INTERVAL`` rounds) and start again once the proposer is chosen:
     a draft that improves (an adapter swap, easier text), or whose rounds prove
     cheaper than measured in isolation, is noticed, at a bounded cost when it
@@ -369,7 +371,9 @@ class AdaptiveDraftLength:
             choices.append((1.0 / self.time.seconds(0, NONE), Plan(NONE, 0)))
         available = {DRAFT: True, NGRAM: self.uses_ngram and len(ngram.tokens) > 0}
         if available[NGRAM]:
-            rates = self._rates(NGRAM, ngram.match).rates(min(len(ngram.tokens), self.max_k))
+            # A matched length seldom seen borrows from prompt lookup as a whole.
+            overall = self._rates(NGRAM).rates(1)[0]
+            rates = self._rates(NGRAM, ngram.match).rates(min(len(ngram.tokens), self.max_k), overall)
             value, k = self._best(NGRAM, rates, 1)
             choices.append((value, Plan(NGRAM, k)))
         chosen = max(choices, key=lambda c: c[0])[1]
@@ -396,6 +400,7 @@ class AdaptiveDraftLength:
         if plan.proposer == DRAFT:
             self._rates(DRAFT).update(plan.k, accepted)
         elif plan.proposer == NGRAM:
+            self._rates(NGRAM).update(plan.k, accepted)
             self._rates(NGRAM, self._match).update(plan.k, accepted)
 
 
