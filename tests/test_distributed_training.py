@@ -16,7 +16,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import speclora  # noqa: F401  (must precede mlx.core: preloads OpenBLAS)
 
@@ -25,7 +27,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from helpers import TINY_VOCAB_SIZE, make_tiny_llama
+from speclora import training
 from speclora.checkpoint import adapter_weights, load_adapter_checkpoint
+from speclora.losses import Batch
 from speclora.records import Disagreement, TrainingExample
 from speclora.training import LoRATrainer
 
@@ -111,15 +115,19 @@ def worker(out_dir: Path) -> None:
     # Count the output tokens this rank computes the loss on (training steps
     # and the eval loss; padding rows have none).
     tokens = [0]
-    batch = LoRATrainer._batch
+    iterate_batches = training.iterate_batches
 
-    def counting_batch(seqs: list, top_k: int) -> tuple[mx.array, ...]:
-        arrays = batch(seqs, top_k)
-        if sys._getframe(1).f_code.co_name in ("_train_loop", "_evaluate"):
-            tokens[0] += int(arrays[2].sum().item())
-        return arrays
+    def count(batch: Batch) -> Batch:
+        tokens[0] += int(batch.ce_mask.sum().item())
+        return batch
 
-    trainer._batch = counting_batch  # type: ignore[method-assign]
+    def counting_batches(*args: Any, **kwargs: Any) -> Iterator[Batch]:
+        batches = iterate_batches(*args, **kwargs)
+        if sys._getframe(1).f_code.co_name in ("train_epochs", "evaluate"):
+            return map(count, batches)
+        return batches
+
+    training.iterate_batches = counting_batches
 
     def on_step(step: int, loss: float) -> None:
         print(f"rank {rank} step {step} loss {loss:.6f}", flush=True)

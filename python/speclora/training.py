@@ -9,43 +9,48 @@ are mlx-lm adapters (see :mod:`speclora.checkpoint`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx import nn
 from mlx.utils import tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from tqdm import tqdm
 
+from speclora import decoding
+from speclora.adapters import unfuse_adapter
 from speclora.checkpoint import (
     adapter_weights,
     load_adapter_checkpoint,
     save_adapter_checkpoint,
 )
 from speclora.config import TrainingConfig
-from speclora.adapters import unfuse_adapter
+from speclora.losses import draft_loss, loss_sums
 from speclora.records import TrainingExample
+from speclora.training_data import (
+    TokenSequence,
+    epoch_sequences,
+    holdout_split,
+    iterate_batches,
+    prepare_examples,
+    replay_count,
+    top_k_width,
+)
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_ALIASES = ("latest", "best", "final")
-
-# Sequence lengths are padded up to a multiple of this so the compiled step is
-# traced for a handful of shapes rather than one per batch.
-_LENGTH_BUCKET = 16
-
-# Stands in for -inf on padded top-k slots: finite so 0 * it stays 0 in the
-# gradient, small enough that exp() of it is exactly 0 in float32.
-_MASKED_LOGIT = -1e9
 
 
 @dataclass
@@ -74,17 +79,6 @@ class LoRASpec:
             "alpha": self.alpha,
             "target_modules": list(self.target_modules),
         }
-
-
-@dataclass
-class _Sequence:
-    """One tokenized example: what the loss needs, as numpy arrays."""
-
-    tokens: np.ndarray  # [L] int32, prompt followed by output, truncated
-    prompt_len: int
-    distill_index: np.ndarray  # [D] int32, logit positions of the disagreements
-    distill_ids: list[np.ndarray]  # D x [k] int32, target's top-k token ids
-    distill_logp: list[np.ndarray]  # D x [k] float32, renormalised log-probabilities
 
 
 def _matches(name: str, target: str) -> bool:
@@ -229,22 +223,6 @@ def attach_lora(model: nn.Module, config: TrainingConfig) -> LoRASpec:
     return spec
 
 
-def _distill_loss_terms(
-    logits: mx.array,  # [B, T, V] float32
-    topk_ids: mx.array,  # [B, T, K] int32
-    target_p: mx.array,  # [B, T, K] float32, 0 on padded slots
-    target_logp: mx.array,  # [B, T, K] float32, 0 on padded slots
-    topk_valid: mx.array,  # [B, T, K] bool
-    inv_temperature: float,
-) -> mx.array:  # [B, T] float32
-    """Forward KL(p_target_topk || q_draft_topk) at every position."""
-    z = mx.take_along_axis(logits, topk_ids, axis=-1) * inv_temperature
-    z = mx.where(topk_valid, z, _MASKED_LOGIT)
-    # Softmax over the k slots == the draft's softmax renormalised over them.
-    log_q = z - mx.logsumexp(z, axis=-1, keepdims=True)
-    return (target_p * (target_logp - log_q)).sum(axis=-1)
-
-
 def check_overrides(num_epochs: int | None, learning_rate: float | None) -> None:
     """Refuse per-call overrides of ``training.num_epochs`` / ``learning_rate``.
 
@@ -252,7 +230,9 @@ def check_overrides(num_epochs: int | None, learning_rate: float | None) -> None
         ValueError: naming the argument and its value.
     """
     if num_epochs is not None and (
-        isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1
+        isinstance(num_epochs, bool)
+        or not isinstance(num_epochs, int)
+        or num_epochs < 1
     ):
         raise ValueError(f"num_epochs must be an int >= 1, got {num_epochs!r}")
     if learning_rate is not None and (
@@ -260,7 +240,224 @@ def check_overrides(num_epochs: int | None, learning_rate: float | None) -> None
         or not isinstance(learning_rate, (int, float))
         or not (math.isfinite(learning_rate) and learning_rate > 0)
     ):
-        raise ValueError(f"learning_rate must be a finite float > 0, got {learning_rate!r}")
+        raise ValueError(
+            f"learning_rate must be a finite float > 0, got {learning_rate!r}"
+        )
+
+
+def train_step(
+    model: nn.Module,
+    loss: Callable[..., mx.array],
+    optimizer: optim.Optimizer,
+    *,
+    grad_clip: float | None = None,
+    group: mx.distributed.Group | None = None,
+) -> Callable[..., mx.array]:
+    """One compiled optimizer step on ``model``'s trainable parameters.
+
+    Args:
+        model (nn.Module): The model; updated in place by every step.
+        loss (Callable): ``loss(model, *batch) -> mx.array`` (a scalar).
+        optimizer (optim.Optimizer): Initialised here on the trainable parameters.
+        grad_clip (float, optional): Clip the gradient to this global norm.
+            Default: ``None``.
+        group (mx.distributed.Group, optional): Ranks training data-parallel:
+            losses and gradients are averaged across them (before clipping).
+            Default: ``None`` (one process).
+
+    Returns:
+        Callable: ``step(*batch) -> mx.array``, the batch's loss, evaluated
+        together with the updated model and optimizer state.
+    """
+    size = 1 if group is None else group.size()
+    optimizer.init(model.trainable_parameters())
+    loss_and_grad = nn.value_and_grad(model, loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    def step(*batch: mx.array) -> mx.array:
+        value, grads = loss_and_grad(model, *batch)
+        if size > 1:
+            # Before clipping: the norm is the whole batch's gradient's.
+            value = mx.distributed.all_sum(value, group=group) / size
+            grads = nn.average_gradients(grads, group=group)
+        if grad_clip is not None:
+            grads, _ = optim.clip_grad_norm(grads, grad_clip)
+        optimizer.update(model, grads)
+        return value
+
+    compiled = mx.compile(step, inputs=state, outputs=state)
+
+    def evaluated_step(*batch: mx.array) -> mx.array:
+        value = compiled(*batch)
+        mx.eval(value, state)
+        return value
+
+    return evaluated_step
+
+
+def train_epochs(
+    model: nn.Module,
+    step: Callable[..., mx.array],
+    epoch_sequences: Callable[[], Sequence[TokenSequence]],
+    *,
+    epochs: int,
+    batch_size: int,
+    top_k: int,
+    group: mx.distributed.Group | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> Iterator[tuple[int, list[float]]]:
+    """The training loop: ``step`` over each epoch's batches, in train mode.
+
+    Args:
+        model (nn.Module): The model ``step`` trains.
+        step (Callable): From :func:`train_step`.
+        epoch_sequences (Callable): Returns the next epoch's sequences, in order.
+        epochs (int): Number of epochs.
+        batch_size (int): Sequences per step (over all ranks).
+        top_k (int): Top-k slots per position in the batches.
+        group (mx.distributed.Group, optional): Ranks training data-parallel;
+            each takes its share of every batch. Default: ``None``.
+        on_step (Callable[[int, int, float], None], optional): Called after
+            every step with the step number (from 1), the epoch and the loss.
+
+    Yields:
+        tuple[int, list[float]]: After every epoch, its number (from 1) and
+        its steps' losses; the model is still in train mode.
+    """
+    rank, size = (0, 1) if group is None else (group.rank(), group.size())
+    global_step = 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        losses: list[float] = []
+        seqs = epoch_sequences()
+        for batch in iterate_batches(seqs, batch_size, top_k, rank=rank, size=size):
+            losses.append(float(np.asarray(step(*batch))))
+            global_step += 1
+            if on_step is not None:
+                on_step(global_step, epoch, losses[-1])
+        yield epoch, losses
+
+
+def evaluate(
+    model: nn.Module,
+    seqs: Sequence[TokenSequence],
+    *,
+    batch_size: int,
+    top_k: int,
+    distill_weight: float,
+    distill_temperature: float,
+) -> float:
+    """The training loss over ``seqs`` in eval mode, without updates.
+
+    CE is averaged over all output tokens and KL over all disagreement
+    positions of the set (not per batch). Under ``mlx.launch`` each rank scores
+    every size-th sequence and the ranks add up their sums, so every rank must
+    call this.
+
+    Returns:
+        float: The loss (``nan`` when ``seqs`` is empty).
+    """
+    if not seqs:
+        return math.nan
+    model.eval()
+    totals = np.zeros(4, dtype=np.float64)
+    group = mx.distributed.init()
+    mine = seqs[group.rank() :: group.size()]
+    for batch in iterate_batches(mine, batch_size, top_k):
+        sums = loss_sums(model, batch, distill_temperature=distill_temperature)
+        mx.eval(sums)
+        totals += np.array([np.asarray(x) for x in sums], dtype=np.float64)
+    if group.size() > 1:
+        summed = mx.distributed.all_sum(
+            mx.array(totals, dtype=mx.float64), stream=mx.cpu
+        )
+        totals = np.asarray(summed, dtype=np.float64)
+    ce_sum, n_tok, kl_sum, n_dis = totals
+    loss = ce_sum / max(n_tok, 1.0)
+    if distill_weight > 0:
+        loss += distill_weight * kl_sum / max(n_dis, 1.0)
+    return float(loss)
+
+
+def match_rate(
+    model: nn.Module, seqs: Sequence[TokenSequence], *, batch_size: int
+) -> tuple[float, int]:
+    """Share of output tokens the draft predicts exactly (its argmax given the
+    true prefix: the per-token acceptance rate of greedy speculation).
+
+    Returns:
+        tuple[float, int]: The share (``nan`` without output tokens) and how
+        many tokens it is over.
+    """
+    model.eval()
+    hits = total = 0.0
+    for batch in iterate_batches(seqs, batch_size, top_k_width(seqs)):
+        predicted = mx.argmax(model(batch.inputs), axis=-1)
+        counts = (
+            ((predicted == batch.targets) * batch.ce_mask).sum(),
+            batch.ce_mask.sum(),
+        )
+        mx.eval(counts)
+        hits += float(np.asarray(counts[0]))
+        total += float(np.asarray(counts[1]))
+    return (hits / total if total else math.nan), int(total)
+
+
+def load_resume(
+    model: nn.Module, source: str | Path | Mapping[str, mx.array], lora: LoRASpec
+) -> None:
+    """Load adapter weights into ``model``'s LoRA layers (laid out as ``lora``).
+
+    Args:
+        model (nn.Module): The model, with LoRA layers.
+        source (str | Path | Mapping): An mlx-lm adapter directory, its
+            ``adapters.safetensors`` file, or the weights (name -> array).
+        lora (LoRASpec): The model's LoRA layout, for messages and the scale.
+
+    Raises:
+        RuntimeError: If the weights cannot be read or do not match the layers.
+    """
+    label = "given in memory" if isinstance(source, Mapping) else str(source)
+    saved_scale = None
+    weights: dict[str, mx.array]
+    if isinstance(source, Mapping):
+        weights = dict(source)
+    elif (path := Path(source).expanduser()).is_file():
+        try:
+            read = mx.load(str(path))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise RuntimeError(f"Failed to read adapter weights {path}: {e}") from e
+        assert isinstance(read, dict)
+        weights = read
+    else:
+        weights, config, _ = load_adapter_checkpoint(path)
+        saved_scale = (config.get("lora_parameters") or {}).get("scale")
+    own = adapter_weights(model)
+    problems = [f"{k}: not in the model's LoRA layers" for k in weights if k not in own]
+    problems += [f"{k}: missing from the adapter" for k in own if k not in weights]
+    problems += [
+        f"{k}: shape {tuple(w.shape)} != model's {tuple(own[k].shape)}"
+        for k, w in weights.items()
+        if k in own and tuple(w.shape) != tuple(own[k].shape)
+    ]
+    if problems:
+        shown = "; ".join(problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise RuntimeError(
+            f"Cannot resume from adapter {label}: it does not match the model's LoRA "
+            f"layers (rank {lora.rank}, keys {lora.keys}): {shown}{more}"
+        )
+    if saved_scale is not None and not math.isclose(float(saved_scale), lora.scale):
+        logger.warning(
+            "Adapter %s was trained with scale %g; continuing with scale %g",
+            label,
+            float(saved_scale),
+            lora.scale,
+        )
+    model.update(
+        tree_unflatten([(k, w.astype(own[k].dtype)) for k, w in weights.items()])
+    )
+    mx.eval(model.trainable_parameters())
 
 
 class LoRATrainer:
@@ -315,190 +512,37 @@ class LoRATrainer:
         self.show_progress = show_progress
         fused = unfuse_adapter(model)
         if fused is not None:
-            logger.info("training continues from adapter %s, unfused for training", fused)
+            logger.info(
+                "training continues from adapter %s, unfused for training", fused
+            )
         self.lora = attach_lora(model, self.config)
         self.checkpoint_dir = Path(self.config.checkpoint_dir).expanduser()
-        self._vocab_size: int | None = None
-
-    # ------------------------------------------------------------------ data
 
     @property
     def vocab_size(self) -> int:
-        """Size of the draft's output vocabulary (measured by one forward pass)."""
-        if self._vocab_size is None:
-            self._vocab_size = int(
-                self.model(mx.array([[0]], dtype=mx.int32)).shape[-1]
-            )
-        return self._vocab_size
+        """Size of the draft's output vocabulary (from the model's ``args``)."""
+        return decoding.vocab_size(self.model)
 
-    def _encode(self, text: str) -> list[int]:
-        try:
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        except TypeError:
-            ids = self.tokenizer.encode(text)
-        return [int(t) for t in ids]
-
-    def _prepare(self, example: TrainingExample) -> _Sequence | None:
-        """Tokenize one example; ``None`` when it has no output token to learn.
-
-        Raises:
-            ValueError: If a token id falls outside the draft's vocabulary (the
-              example was collected with another tokenizer, or is damaged).
-        """
-        vocab = self.vocab_size
-        prompt = list(example.prompt_tokens)
-        output = list(example.output_tokens) or self._encode(example.target_output)
-        tokens = (prompt + output)[: self.config.max_seq_length]
-        bad = [t for t in tokens if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(
-                f"Training example {example.id!r} has token id {bad[0]} outside the "
-                f"draft's vocabulary of {vocab}"
-            )
-        prompt_len = len(prompt)
-        num_inputs = len(tokens) - 1
-        # The first output token is only predictable if something precedes it.
-        if num_inputs < 1 or len(tokens) <= max(prompt_len, 1):
-            return None
-        by_index: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for d in example.disagreements:
-            index = prompt_len + d.position - 1
-            if not 0 <= index < num_inputs or not d.top_k_tokens:
-                continue  # truncated away, or nothing to distil
-            # Checked before the int32 conversion, which would overflow.
-            bad = [t for t in d.top_k_tokens if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(
-                    f"Training example {example.id!r}: disagreement at position "
-                    f"{d.position} has top-k token {bad[0]} outside the draft's "
-                    f"vocabulary of {vocab}"
-                )
-            ids = np.asarray(d.top_k_tokens, dtype=np.int32)
-            logp = np.asarray(d.top_k_logprobs, dtype=np.float64)
-            logp = logp - (logp.max() + np.log(np.exp(logp - logp.max()).sum()))
-            by_index[index] = (ids, logp.astype(np.float32))
-        order = sorted(by_index)
-        return _Sequence(
-            tokens=np.asarray(tokens, dtype=np.int32),
-            prompt_len=prompt_len,
-            distill_index=np.asarray(order, dtype=np.int32),
-            distill_ids=[by_index[i][0] for i in order],
-            distill_logp=[by_index[i][1] for i in order],
-        )
-
-    def _prepare_all(
+    def _prepare(
         self, examples: Sequence[TrainingExample | Mapping[str, Any]], what: str
-    ) -> tuple[list[_Sequence], list[str]]:
-        seqs: list[_Sequence] = []
-        ids: list[str] = []
-        skipped = 0
-        unusable: list[str] = []
-        for ex in examples:
-            if not isinstance(ex, TrainingExample):
-                ex = TrainingExample.from_dict(ex)
-            try:
-                seq = self._prepare(ex)
-            except ValueError as e:
-                # One example this draft cannot learn from must not stop the rest.
-                unusable.append(str(e))
-                continue
-            if seq is None:
-                skipped += 1
-                continue
-            seqs.append(seq)
-            ids.append(ex.id)
-        if skipped:
-            logger.warning(
-                "Skipped %d %s with no output token within max_seq_length=%d",
-                skipped,
-                what,
-                self.config.max_seq_length,
-            )
-        if unusable:
-            more = f" (and {len(unusable) - 10} more)" if len(unusable) > 10 else ""
-            logger.warning(
-                "Skipped %d %s that cannot be used with this draft: %s%s",
-                len(unusable),
-                what,
-                "; ".join(unusable[:10]),
-                more,
-            )
-        return seqs, ids
-
-    @staticmethod
-    def _batch(seqs: Sequence[_Sequence], top_k: int) -> tuple[mx.array, ...]:
-        """Pad sequences into the loss's input arrays."""
-        b = len(seqs)
-        longest = max(len(s.tokens) - 1 for s in seqs)
-        t = -(-longest // _LENGTH_BUCKET) * _LENGTH_BUCKET
-        inputs = np.zeros((b, t), dtype=np.int32)
-        targets = np.zeros((b, t), dtype=np.int32)
-        ce_mask = np.zeros((b, t), dtype=np.float32)
-        topk_ids = np.zeros((b, t, top_k), dtype=np.int32)
-        target_p = np.zeros((b, t, top_k), dtype=np.float32)
-        target_logp = np.zeros((b, t, top_k), dtype=np.float32)
-        topk_valid = np.zeros((b, t, top_k), dtype=bool)
-        distill_mask = np.zeros((b, t), dtype=np.float32)
-        for row, s in enumerate(seqs):
-            n = len(s.tokens) - 1
-            inputs[row, :n] = s.tokens[:-1]
-            targets[row, :n] = s.tokens[1:]
-            # targets[j] is sequence token j + 1: output tokens start at j = P - 1.
-            ce_mask[row, max(s.prompt_len - 1, 0) : n] = 1.0
-            for index, ids, logp in zip(s.distill_index, s.distill_ids, s.distill_logp):
-                k = len(ids)
-                topk_ids[row, index, :k] = ids
-                target_logp[row, index, :k] = logp
-                target_p[row, index, :k] = np.exp(logp)
-                topk_valid[row, index, :k] = True
-                distill_mask[row, index] = 1.0
-        return tuple(
-            mx.array(a)
-            for a in (
-                inputs,
-                targets,
-                ce_mask,
-                topk_ids,
-                target_p,
-                target_logp,
-                topk_valid,
-                distill_mask,
-            )
+    ) -> tuple[list[TokenSequence], list[str]]:
+        return prepare_examples(
+            examples,
+            what,
+            tokenizer=self.tokenizer,
+            vocab_size=self.vocab_size,
+            max_seq_length=self.config.max_seq_length,
         )
 
-    # ------------------------------------------------------------------ loss
-
-    def _loss_sums(
-        self,
-        model: nn.Module,
-        inputs: mx.array,  # [B, T] int32
-        targets: mx.array,  # [B, T] int32
-        ce_mask: mx.array,  # [B, T] float32
-        topk_ids: mx.array,  # [B, T, K] int32
-        target_p: mx.array,  # [B, T, K] float32
-        target_logp: mx.array,  # [B, T, K] float32
-        topk_valid: mx.array,  # [B, T, K] bool
-        distill_mask: mx.array,  # [B, T] float32
-    ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-        """CE sum, CE token count, KL sum, disagreement count."""
-        logits = model(inputs).astype(mx.float32)
-        ce = nn.losses.cross_entropy(logits, targets) * ce_mask
-        kl = _distill_loss_terms(
-            logits,
-            topk_ids,
-            target_p,
-            target_logp,
-            topk_valid,
-            1.0 / self.config.distill_temperature,
+    def _evaluate(self, seqs: Sequence[TokenSequence], top_k: int) -> float:
+        return evaluate(
+            self.model,
+            seqs,
+            batch_size=self.config.batch_size,
+            top_k=top_k,
+            distill_weight=self.config.distill_weight,
+            distill_temperature=self.config.distill_temperature,
         )
-        return ce.sum(), ce_mask.sum(), (kl * distill_mask).sum(), distill_mask.sum()
-
-    def _batch_loss(self, model: nn.Module, *batch: mx.array) -> mx.array:
-        ce_sum, n_tok, kl_sum, n_dis = self._loss_sums(model, *batch)
-        loss = ce_sum / mx.maximum(n_tok, 1.0)
-        if self.config.distill_weight > 0:
-            loss = loss + self.config.distill_weight * kl_sum / mx.maximum(n_dis, 1.0)
-        return loss
 
     def evaluate(
         self, examples: Sequence[TrainingExample | Mapping[str, Any]]
@@ -514,132 +558,8 @@ class LoRATrainer:
         Returns:
             float: The loss (``nan`` when no example has an output token).
         """
-        seqs, _ = self._prepare_all(examples, "examples")
-        return self._evaluate(seqs, self._top_k(seqs))
-
-    def _evaluate(self, seqs: Sequence[_Sequence], top_k: int) -> float:
-        if not seqs:
-            return math.nan
-        self.model.eval()
-        totals = np.zeros(4, dtype=np.float64)
-        bs = self.config.batch_size
-        # Under mlx.launch each rank scores every size-th sequence and the
-        # ranks add up their sums, so every rank must call this.
-        group = mx.distributed.init()
-        mine = seqs[group.rank() :: group.size()]
-        for i in range(0, len(mine), bs):
-            sums = self._loss_sums(self.model, *self._batch(mine[i : i + bs], top_k))
-            mx.eval(sums)
-            totals += np.array([np.asarray(x) for x in sums], dtype=np.float64)
-        if group.size() > 1:
-            summed = mx.distributed.all_sum(
-                mx.array(totals, dtype=mx.float64), stream=mx.cpu
-            )
-            totals = np.asarray(summed, dtype=np.float64)
-        ce_sum, n_tok, kl_sum, n_dis = totals
-        loss = ce_sum / max(n_tok, 1.0)
-        if self.config.distill_weight > 0:
-            loss += self.config.distill_weight * kl_sum / max(n_dis, 1.0)
-        return float(loss)
-
-    def _match_rate(self, seqs: Sequence[_Sequence]) -> tuple[float, int]:
-        """Share of output tokens the draft predicts exactly (its argmax given the
-        true prefix: the per-token acceptance rate of greedy speculation), and
-        how many tokens that share is over."""
-        self.model.eval()
-        hits = total = 0.0
-        bs = self.config.batch_size
-        for i in range(0, len(seqs), bs):
-            inputs, targets, ce_mask, *_ = self._batch(seqs[i : i + bs], self._top_k(seqs))
-            predicted = mx.argmax(self.model(inputs), axis=-1)
-            counts = ((predicted == targets) * ce_mask).sum(), ce_mask.sum()
-            mx.eval(counts)
-            hits += float(np.asarray(counts[0]))
-            total += float(np.asarray(counts[1]))
-        return (hits / total if total else math.nan), int(total)
-
-    @staticmethod
-    def _top_k(seqs: Sequence[_Sequence]) -> int:
-        return max((len(ids) for s in seqs for ids in s.distill_ids), default=1)
-
-    # ------------------------------------------------------------ checkpoints
-
-    def _load_resume(self, source: str | Path | Mapping[str, mx.array]) -> None:
-        label = "given in memory" if isinstance(source, Mapping) else str(source)
-        saved_scale = None
-        weights: dict[str, mx.array]
-        if isinstance(source, Mapping):
-            weights = dict(source)
-        elif (path := Path(source).expanduser()).is_file():
-            try:
-                read = mx.load(str(path))
-            except (OSError, ValueError, RuntimeError) as e:
-                raise RuntimeError(f"Failed to read adapter weights {path}: {e}") from e
-            assert isinstance(read, dict)
-            weights = read
-        else:
-            weights, config, _ = load_adapter_checkpoint(path)
-            saved_scale = (config.get("lora_parameters") or {}).get("scale")
-        own = adapter_weights(self.model)
-        problems = [
-            f"{k}: not in the model's LoRA layers" for k in weights if k not in own
-        ]
-        problems += [f"{k}: missing from the adapter" for k in own if k not in weights]
-        problems += [
-            f"{k}: shape {tuple(w.shape)} != model's {tuple(own[k].shape)}"
-            for k, w in weights.items()
-            if k in own and tuple(w.shape) != tuple(own[k].shape)
-        ]
-        if problems:
-            shown = "; ".join(problems[:5])
-            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-            raise RuntimeError(
-                f"Cannot resume from adapter {label}: it does not match the model's LoRA "
-                f"layers (rank {self.lora.rank}, keys {self.lora.keys}): {shown}{more}"
-            )
-        if saved_scale is not None and not math.isclose(
-            float(saved_scale), self.lora.scale
-        ):
-            logger.warning(
-                "Adapter %s was trained with scale %g; continuing with scale %g",
-                label,
-                float(saved_scale),
-                self.lora.scale,
-            )
-        self.model.update(
-            tree_unflatten([(k, w.astype(own[k].dtype)) for k, w in weights.items()])
-        )
-        mx.eval(self.model.trainable_parameters())
-
-    def _save(self, alias: str, state: Mapping[str, Any]) -> Path:
-        return save_adapter_checkpoint(
-            self.model,
-            self.checkpoint_dir / alias,
-            self.lora.adapter_config(),
-            state,
-        )
-
-    # ----------------------------------------------------------------- train
-
-    def _split(
-        self, seqs: list[_Sequence], rng: np.random.Generator
-    ) -> tuple[list[_Sequence], list[_Sequence]]:
-        n = len(seqs)
-        n_eval = 0
-        if self.config.eval_fraction > 0 and n >= 2:
-            n_eval = min(max(1, round(self.config.eval_fraction * n)), n - 1)
-        order = rng.permutation(n)
-        eval_set = [seqs[i] for i in order[:n_eval]]
-        train_set = [seqs[i] for i in sorted(order[n_eval:])]
-        return train_set, eval_set
-
-    def _replay_count(self, num_train: int, available: int) -> int:
-        ratio = self.config.replay_ratio
-        if ratio <= 0 or available == 0:
-            return 0
-        if ratio >= 1:
-            return available
-        return min(available, round(ratio * num_train / (1 - ratio)))
+        seqs, _ = self._prepare(examples, "examples")
+        return self._evaluate(seqs, top_k_width(seqs))
 
     def train(
         self,
@@ -705,15 +625,12 @@ class LoRATrainer:
         cfg = self.config
         start = time.perf_counter()
         check_overrides(num_epochs, learning_rate)
-        epochs = cfg.num_epochs if num_epochs is None else num_epochs
-        lr = cfg.learning_rate if learning_rate is None else learning_rate
         if len(training_examples) < cfg.min_examples:
             raise ValueError(
                 f"Not enough training examples: have {len(training_examples)}, need at "
                 f"least {cfg.min_examples} (training.min_examples)"
             )
-
-        seqs, train_ids = self._prepare_all(training_examples, "training examples")
+        seqs, train_ids = self._prepare(training_examples, "training examples")
         if not seqs:
             raise ValueError(
                 f"None of the {len(training_examples)} training examples has an output "
@@ -726,151 +643,125 @@ class LoRATrainer:
             if (ex.id if isinstance(ex, TrainingExample) else ex.get("id"))
             not in train_id_set
         ]
-        replay_seqs, _ = self._prepare_all(replay_examples, "replay examples")
+        replay, _ = self._prepare(replay_examples, "replay examples")
 
         rng = np.random.default_rng(cfg.seed)
-        mx.random.seed(cfg.seed)
-        train_set, eval_set = self._split(seqs, rng)
+        train_set, eval_set = holdout_split(seqs, cfg.eval_fraction, rng)
         # Past examples are held out too, so that the best checkpoint (and the
         # promotion gate) also answers "did it forget what it knew?".
-        replay_seqs, replay_eval = self._split(replay_seqs, rng)
-        eval_set += replay_eval
-        num_replay = self._replay_count(len(train_set), len(replay_seqs))
-        top_k = self._top_k(seqs + replay_seqs)
-        bs = cfg.batch_size
-        steps_per_epoch = -(-(len(train_set) + num_replay) // bs)
-
-        snapshot = adapter_weights(self.model)
-        try:
-            return self._train_loop(
-                train_set=train_set,
-                eval_set=eval_set,
-                replay_seqs=replay_seqs,
-                num_replay=num_replay,
-                top_k=top_k,
-                epochs=epochs,
-                learning_rate=float(lr),
-                steps_per_epoch=steps_per_epoch,
-                rng=rng,
-                resume_from=resume_from,
-                on_step=on_step,
-                start=start,
-            )
-        except BaseException as e:
-            self.model.update(tree_unflatten(list(snapshot.items())))
-            self.model.eval()
-            if isinstance(e, (RuntimeError, ValueError)) or not isinstance(
-                e, Exception
-            ):
+        replay, replay_eval = holdout_split(replay, cfg.eval_fraction, rng)
+        mx.random.seed(cfg.seed)
+        with contextlib.ExitStack() as rollback:
+            # Until training has succeeded: the LoRA weights go back as they were.
+            rollback.callback(self._restore, adapter_weights(self.model))
+            try:
+                result = self._fit(
+                    train_set,
+                    eval_set + replay_eval,
+                    replay,
+                    rng=rng,
+                    epochs=cfg.num_epochs if num_epochs is None else num_epochs,
+                    learning_rate=float(
+                        cfg.learning_rate if learning_rate is None else learning_rate
+                    ),
+                    resume_from=resume_from,
+                    on_step=on_step,
+                )
+            except (RuntimeError, ValueError):
                 raise
-            raise RuntimeError(f"LoRA training failed: {type(e).__name__}: {e}") from e
+            except Exception as e:
+                raise RuntimeError(
+                    f"LoRA training failed: {type(e).__name__}: {e}"
+                ) from e
+            rollback.pop_all()
+        return {**result, "elapsed_s": time.perf_counter() - start}
 
-    def _train_loop(
+    def _restore(self, weights: dict[str, mx.array]) -> None:
+        self.model.update(tree_unflatten(list(weights.items())))
+        self.model.eval()
+
+    def _fit(
         self,
+        train_set: list[TokenSequence],
+        eval_set: list[TokenSequence],
+        replay: list[TokenSequence],
         *,
-        train_set: list[_Sequence],
-        eval_set: list[_Sequence],
-        replay_seqs: list[_Sequence],
-        num_replay: int,
-        top_k: int,
+        rng: np.random.Generator,
         epochs: int,
         learning_rate: float,
-        steps_per_epoch: int,
-        rng: np.random.Generator,
         resume_from: str | Path | Mapping[str, mx.array] | None,
         on_step: Callable[[int, float], None] | None,
-        start: float,
     ) -> dict[str, Any]:
-        cfg = self.config
-        model = self.model
+        cfg, model = self.config, self.model
         if resume_from is not None:
-            self._load_resume(resume_from)
-
-        optimizer = optim.AdamW(learning_rate=learning_rate)
-        optimizer.init(model.trainable_parameters())
+            load_resume(model, resume_from, self.lora)
         # Under mlx.launch the ranks train data-parallel: each takes its share
         # of every batch, and losses and gradients are averaged across ranks.
         group = mx.distributed.init()
-        rank, size = group.rank(), group.size()
-        # Stands in for a rank's share when a batch has fewer rows than ranks:
-        # its masks are all zero, so it adds nothing to the loss.
-        empty_row = _Sequence(np.zeros(2, np.int32), 2, np.zeros(0, np.int32), [], [])
-
-        def rank_loss(model: nn.Module, *batch: mx.array) -> mx.array:
-            # Normalised by the whole batch's counts, times size: the mean over
-            # ranks is then the one-process batch loss however unevenly the
-            # tokens fall between ranks (a mean of per-rank means is not).
-            ce_sum, n_tok, kl_sum, n_dis = self._loss_sums(model, *batch)
-            counts = mx.distributed.all_sum(mx.stop_gradient(mx.stack([n_tok, n_dis])))
-            loss = ce_sum / mx.maximum(counts[0], 1.0)
-            if cfg.distill_weight > 0:
-                loss = loss + cfg.distill_weight * kl_sum / mx.maximum(counts[1], 1.0)
-            return size * loss
-
-        loss_and_grad = nn.value_and_grad(
-            model, self._batch_loss if size == 1 else rank_loss
+        parallel = group if group.size() > 1 else None
+        loss = draft_loss(
+            distill_weight=cfg.distill_weight,
+            distill_temperature=cfg.distill_temperature,
+            group=parallel,
         )
-        compiled_state = [model.state, optimizer.state, mx.random.state]
-
-        def step(*batch: mx.array) -> mx.array:
-            loss, grads = loss_and_grad(model, *batch)
-            if size > 1:
-                # Before clipping: the norm is the whole batch's gradient's.
-                loss = mx.distributed.all_sum(loss) / size
-                grads = nn.average_gradients(grads)
-            if cfg.grad_clip is not None:
-                grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
-            optimizer.update(model, grads)
-            return loss
-
-        step_fn = mx.compile(step, inputs=compiled_state, outputs=compiled_state)
+        optimizer = optim.AdamW(learning_rate=learning_rate)
+        step = train_step(
+            model, loss, optimizer, grad_clip=cfg.grad_clip, group=parallel
+        )
+        num_replay = replay_count(len(train_set), len(replay), cfg.replay_ratio)
+        top_k = top_k_width(train_set + eval_set + replay)
+        sizes = {
+            "num_examples": len(train_set),
+            "num_eval": len(eval_set),
+            "num_replay": num_replay,
+        }
 
         initial_eval = self._evaluate(eval_set, top_k) if eval_set else None
-        initial_match, eval_tokens = self._match_rate(eval_set) if eval_set else (None, 0)
+        initial_match, eval_tokens = (
+            match_rate(model, eval_set, batch_size=cfg.batch_size)
+            if eval_set
+            else (None, 0)
+        )
         match = best_match = initial_match
         losses: list[float] = []
         eval_losses: list[float] = []
-        best: float = math.inf
-        score = math.inf
+        best = score = math.inf
         train_loss = math.nan
-        global_step = 0
         paths = {alias: self.checkpoint_dir / alias for alias in CHECKPOINT_ALIASES}
-
         bar = tqdm(
-            total=epochs * steps_per_epoch,
+            total=epochs * -(-(len(train_set) + num_replay) // cfg.batch_size),
             desc="LoRA training",
             unit="step",
-            disable=not self.show_progress or rank != 0,
+            disable=not self.show_progress or group.rank() != 0,
+        )
+
+        def after_step(global_step: int, epoch: int, loss: float) -> None:
+            if not math.isfinite(loss):
+                raise RuntimeError(
+                    f"LoRA training diverged: loss is {loss} at step {global_step} "
+                    f"(epoch {epoch}); try a lower learning_rate (now "
+                    f"{learning_rate:g}) or set training.grad_clip"
+                )
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
+            if on_step is not None:
+                on_step(global_step, loss)
+
+        epochs_run = train_epochs(
+            model,
+            step,
+            functools.partial(epoch_sequences, train_set, replay, num_replay, rng),
+            epochs=epochs,
+            batch_size=cfg.batch_size,
+            top_k=top_k,
+            group=parallel,
+            on_step=after_step,
         )
         try:
-            for epoch in range(1, epochs + 1):
-                picks = rng.choice(len(replay_seqs), size=num_replay, replace=False)
-                epoch_set = train_set + [replay_seqs[int(i)] for i in picks]
-                order = rng.permutation(len(epoch_set))
-                model.train()
-                epoch_losses: list[float] = []
-                for i in range(0, len(order), cfg.batch_size):
-                    rows = order[i : i + cfg.batch_size][rank::size]
-                    batch = self._batch(
-                        [epoch_set[j] for j in rows] or [empty_row], top_k
-                    )
-                    loss_arr = step_fn(*batch)
-                    mx.eval(loss_arr, model.state, optimizer.state)
-                    loss = float(np.asarray(loss_arr))
-                    global_step += 1
-                    if not math.isfinite(loss):
-                        raise RuntimeError(
-                            f"LoRA training diverged: loss is {loss} at step {global_step} "
-                            f"(epoch {epoch}); try a lower learning_rate (now "
-                            f"{learning_rate:g}) or set training.grad_clip"
-                        )
-                    losses.append(loss)
-                    epoch_losses.append(loss)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
-                    if on_step is not None:
-                        on_step(global_step, loss)
+            for epoch, epoch_losses in epochs_run:
                 train_loss = float(np.mean(epoch_losses))
+                score = train_loss
                 if eval_set:
                     score = self._evaluate(eval_set, top_k)
                     if not math.isfinite(score):
@@ -879,9 +770,7 @@ class LoRATrainer:
                             f"{epoch}"
                         )
                     eval_losses.append(score)
-                    match = self._match_rate(eval_set)[0]
-                else:
-                    score = train_loss
+                    match = match_rate(model, eval_set, batch_size=cfg.batch_size)[0]
                 logger.info(
                     "epoch %d/%d: train loss %.4f%s",
                     epoch,
@@ -893,7 +782,7 @@ class LoRATrainer:
                 best = min(best, score)
                 best_match = match if improved else best_match
                 state = {
-                    "step": global_step,
+                    "step": len(losses),
                     "epoch": epoch,
                     "num_epochs": epochs,
                     "learning_rate": learning_rate,
@@ -903,23 +792,21 @@ class LoRATrainer:
                     "best_loss": best,
                     "losses": list(losses),
                     "eval_losses": list(eval_losses),
-                    "num_examples": len(train_set),
-                    "num_eval": len(eval_set),
-                    "num_replay": num_replay,
+                    **sizes,
                     "resumed_from": (
                         None
                         if resume_from is None or isinstance(resume_from, Mapping)
                         else str(resume_from)
                     ),
                 }
-                # The ranks hold identical weights: one writer, and the other
-                # ranks never touch checkpoint_dir.
-                if rank == 0:
-                    self._save("latest", state)
-                    if improved:
-                        self._save("best", state)
-                    if epoch == epochs:
-                        self._save("final", state)
+                saves = {"latest": True, "best": improved, "final": epoch == epochs}
+                for alias in CHECKPOINT_ALIASES:
+                    # The ranks hold identical weights: one writer, and the
+                    # other ranks never touch checkpoint_dir.
+                    if saves[alias] and group.rank() == 0:
+                        save_adapter_checkpoint(
+                            model, paths[alias], self.lora.adapter_config(), state
+                        )
         finally:
             bar.close()
             model.eval()
@@ -927,7 +814,7 @@ class LoRATrainer:
         return {
             "final_loss": score,
             "best_loss": best,
-            "global_step": global_step,
+            "global_step": len(losses),
             "checkpoint_path": str(paths["best"]),
             "final_path": str(paths["final"]),
             "latest_path": str(paths["latest"]),
@@ -938,8 +825,5 @@ class LoRATrainer:
             "best_eval_match": best_match,
             "eval_tokens": eval_tokens,
             "train_loss": train_loss,
-            "num_examples": len(train_set),
-            "num_eval": len(eval_set),
-            "num_replay": num_replay,
-            "elapsed_s": time.perf_counter() - start,
+            **sizes,
         }
