@@ -126,13 +126,9 @@ def build_model(spec: ModelSpec, config: dict, seed: int):
 
 
 def _loss(model, batch):  # batch: [B, L] int32
-    import mlx.core as mx
-    from mlx import nn
+    from speclora.losses import cross_entropy
 
-    logits = model(batch[:, :-1])
-    return nn.losses.cross_entropy(
-        logits.astype(mx.float32), batch[:, 1:], reduction="mean"
-    )
+    return cross_entropy(model(batch[:, :-1]), batch[:, 1:]).mean()
 
 
 def _distill_loss(model, batch, teacher):  # batch: [B, L] int32
@@ -199,7 +195,8 @@ def train(
     """
     import mlx.core as mx
     import mlx.optimizers as optim
-    from mlx import nn
+
+    from speclora.training import train_step
 
     if (teacher is None) != (spec.teacher is None):
         raise ValueError(
@@ -219,25 +216,14 @@ def train(
     else:
         teacher.eval()
         loss_fn = functools.partial(_distill_loss, teacher=teacher)
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
-    state = [model.state, optimizer.state]
-
-    def step(batch):
-        loss, grads = loss_and_grad(model, batch)
-        grads, _ = optim.clip_grad_norm(grads, max_norm=1.0)
-        optimizer.update(model, grads)
-        return loss
-
-    step = mx.compile(step, inputs=state, outputs=state)
+    step = train_step(model, loss_fn, optimizer, grad_clip=1.0)
     rng = np.random.default_rng(spec.seed)
     model.train()
     recent: list[float] = []
     start = time.perf_counter()
     for it in range(1, spec.steps + 1):
         batch = mx.array(sampler.batch(rng, spec.batch_size, spec.mix))
-        loss = step(batch)
-        mx.eval(state, loss)
-        recent.append(loss.item())
+        recent.append(step(batch).item())
         recent = recent[-log_every:]
         if it % log_every == 0 or it == spec.steps:
             elapsed = time.perf_counter() - start
