@@ -171,13 +171,13 @@ def attach_lora(model: nn.Module, config: TrainingConfig) -> LoRASpec:
                 "layers (use -1 for all)"
             )
         linear_types = (nn.Linear, nn.QuantizedLinear)
-        keys: set[str] = set()
-        for layer in layers[n - num_layers :]:
-            for name, m in layer.named_modules():
-                if isinstance(m, linear_types) and any(
-                    _matches(name, t) for t in config.target_modules
-                ):
-                    keys.add(name)
+        keys = {
+            name
+            for layer in layers[n - num_layers :]
+            for name, m in layer.named_modules()
+            if isinstance(m, linear_types)
+            and any(_matches(name, t) for t in config.target_modules)
+        }
         missing = [
             t for t in config.target_modules if not any(_matches(k, t) for k in keys)
         ]
@@ -191,30 +191,20 @@ def attach_lora(model: nn.Module, config: TrainingConfig) -> LoRASpec:
                 f"training.target_modules entries {missing} match no linear layer; "
                 f"the model's layers have {available}"
             )
-        scale = config.alpha / config.rank
-        # LoRA A matrices are drawn from the global generator: seed it so the
-        # initial adapter is reproducible.
-        mx.random.seed(config.seed)
-        model.freeze()
-        linear_to_lora_layers(
-            model,
-            num_layers,
-            {
-                "rank": config.rank,
-                "scale": scale,
-                "dropout": config.dropout,
-                "keys": sorted(keys),
-            },
-        )
         spec = LoRASpec(
             num_layers=num_layers,
             keys=sorted(keys),
             rank=config.rank,
-            scale=scale,
+            scale=config.alpha / config.rank,
             dropout=config.dropout,
             alpha=config.alpha,
             target_modules=list(config.target_modules),
         )
+        # LoRA A matrices are drawn from the global generator: seed it so the
+        # initial adapter is reproducible.
+        mx.random.seed(config.seed)
+        lora_parameters = spec.adapter_config()["lora_parameters"]
+        linear_to_lora_layers(model, num_layers, lora_parameters)
     model.freeze()
     for _, m in model.named_modules():
         if isinstance(m, LoRALinear):
@@ -253,27 +243,24 @@ def train_step(
     grad_clip: float | None = None,
     group: mx.distributed.Group | None = None,
 ) -> Callable[..., mx.array]:
-    """One compiled optimizer step on ``model``'s trainable parameters.
+    """A compiled optimizer step: ``step(*batch)`` returns the batch's loss,
+    evaluated with the updated model and optimizer state.
 
     Args:
-        model (nn.Module): The model; updated in place by every step.
-        loss (Callable): ``loss(model, *batch) -> mx.array`` (a scalar).
-        optimizer (optim.Optimizer): Initialised here on the trainable parameters.
+        model (nn.Module): The model; its trainable parameters are updated.
+        loss (Callable): ``loss(model, *batch) -> mx.array``, a scalar.
+        optimizer (optim.Optimizer): The optimizer; initialised here.
         grad_clip (float, optional): Clip the gradient to this global norm.
             Default: ``None``.
-        group (mx.distributed.Group, optional): Ranks training data-parallel:
-            losses and gradients are averaged across them (before clipping).
-            Default: ``None`` (one process).
-
-    Returns:
-        Callable: ``step(*batch) -> mx.array``, the batch's loss, evaluated
-        together with the updated model and optimizer state.
+        group (mx.distributed.Group, optional): Ranks training data-parallel;
+            losses and gradients are averaged across them. Default: ``None``.
     """
     size = 1 if group is None else group.size()
     optimizer.init(model.trainable_parameters())
     loss_and_grad = nn.value_and_grad(model, loss)
     state = [model.state, optimizer.state, mx.random.state]
 
+    @functools.partial(mx.compile, inputs=state, outputs=state)
     def step(*batch: mx.array) -> mx.array:
         value, grads = loss_and_grad(model, *batch)
         if size > 1:
@@ -285,10 +272,8 @@ def train_step(
         optimizer.update(model, grads)
         return value
 
-    compiled = mx.compile(step, inputs=state, outputs=state)
-
     def evaluated_step(*batch: mx.array) -> mx.array:
-        value = compiled(*batch)
+        value = step(*batch)
         mx.eval(value, state)
         return value
 
@@ -299,30 +284,20 @@ def train_epochs(
     model: nn.Module,
     step: Callable[..., mx.array],
     epoch_sequences: Callable[[], Sequence[TokenSequence]],
+    config: TrainingConfig,
     *,
     epochs: int,
-    batch_size: int,
     top_k: int,
+    learning_rate: float,
     group: mx.distributed.Group | None = None,
-    on_step: Callable[[int, int, float], None] | None = None,
+    on_step: Callable[[int, int, float], None],
 ) -> Iterator[tuple[int, list[float]]]:
-    """The training loop: ``step`` over each epoch's batches, in train mode.
+    """The training loop: every epoch, ``step`` over batches of
+    ``epoch_sequences()`` (this rank's share of each) in train mode, calling
+    ``on_step(step_number, epoch, loss)``; yields ``(epoch, its losses)``.
 
-    Args:
-        model (nn.Module): The model ``step`` trains.
-        step (Callable): From :func:`train_step`.
-        epoch_sequences (Callable): Returns the next epoch's sequences, in order.
-        epochs (int): Number of epochs.
-        batch_size (int): Sequences per step (over all ranks).
-        top_k (int): Top-k slots per position in the batches.
-        group (mx.distributed.Group, optional): Ranks training data-parallel;
-            each takes its share of every batch. Default: ``None``.
-        on_step (Callable[[int, int, float], None], optional): Called after
-            every step with the step number (from 1), the epoch and the loss.
-
-    Yields:
-        tuple[int, list[float]]: After every epoch, its number (from 1) and
-        its steps' losses; the model is still in train mode.
+    Raises:
+        RuntimeError: On a non-finite loss (naming ``learning_rate``).
     """
     rank, size = (0, 1) if group is None else (group.rank(), group.size())
     global_step = 0
@@ -330,92 +305,65 @@ def train_epochs(
         model.train()
         losses: list[float] = []
         seqs = epoch_sequences()
-        for batch in iterate_batches(seqs, batch_size, top_k, rank=rank, size=size):
-            losses.append(float(np.asarray(step(*batch))))
+        for batch in iterate_batches(seqs, config.batch_size, top_k, rank, size):
+            loss = float(np.asarray(step(*batch)))
             global_step += 1
-            if on_step is not None:
-                on_step(global_step, epoch, losses[-1])
+            if not math.isfinite(loss):
+                raise RuntimeError(
+                    f"LoRA training diverged: loss is {loss} at step {global_step} "
+                    f"(epoch {epoch}); try a lower learning_rate (now "
+                    f"{learning_rate:g}) or set training.grad_clip"
+                )
+            losses.append(loss)
+            on_step(global_step, epoch, loss)
         yield epoch, losses
 
 
 def evaluate(
-    model: nn.Module,
-    seqs: Sequence[TokenSequence],
-    *,
-    batch_size: int,
-    top_k: int,
-    distill_weight: float,
-    distill_temperature: float,
-) -> float:
-    """The training loss over ``seqs`` in eval mode, without updates.
+    model: nn.Module, seqs: Sequence[TokenSequence], config: TrainingConfig, top_k: int
+) -> tuple[float, float, int]:
+    """Score ``seqs`` in eval mode, without updates.
 
-    CE is averaged over all output tokens and KL over all disagreement
-    positions of the set (not per batch). Under ``mlx.launch`` each rank scores
-    every size-th sequence and the ranks add up their sums, so every rank must
-    call this.
+    Under ``mlx.launch`` each rank scores every size-th sequence and the ranks
+    add up their sums, so every rank must call this.
 
     Returns:
-        float: The loss (``nan`` when ``seqs`` is empty).
+        tuple[float, float, int]: The training loss (CE over all output tokens
+        and KL over all disagreements of the set, not per batch); the share of
+        output tokens the draft predicts exactly (its argmax given the true
+        prefix: the per-token acceptance rate of greedy speculation); and how
+        many tokens that share is over. Both are ``nan`` without output tokens.
     """
     if not seqs:
-        return math.nan
+        return math.nan, math.nan, 0
     model.eval()
-    totals = np.zeros(4, dtype=np.float64)
+    totals = np.zeros(5, dtype=np.float64)
     group = mx.distributed.init()
     mine = seqs[group.rank() :: group.size()]
-    for batch in iterate_batches(mine, batch_size, top_k):
-        sums = loss_sums(model, batch, distill_temperature=distill_temperature)
+    for batch in iterate_batches(mine, config.batch_size, top_k):
+        logits = model(batch.inputs).astype(mx.float32)
+        hits = (mx.argmax(logits, axis=-1) == batch.targets) * batch.ce_mask
+        sums = (*loss_sums(logits, batch, config), hits.sum())
         mx.eval(sums)
         totals += np.array([np.asarray(x) for x in sums], dtype=np.float64)
     if group.size() > 1:
-        summed = mx.distributed.all_sum(
-            mx.array(totals, dtype=mx.float64), stream=mx.cpu
-        )
+        summed = mx.distributed.all_sum(mx.array(totals, mx.float64), stream=mx.cpu)
         totals = np.asarray(summed, dtype=np.float64)
-    ce_sum, n_tok, kl_sum, n_dis = totals
+    ce_sum, n_tok, kl_sum, n_dis, n_hit = totals
     loss = ce_sum / max(n_tok, 1.0)
-    if distill_weight > 0:
-        loss += distill_weight * kl_sum / max(n_dis, 1.0)
-    return float(loss)
-
-
-def match_rate(
-    model: nn.Module, seqs: Sequence[TokenSequence], *, batch_size: int
-) -> tuple[float, int]:
-    """Share of output tokens the draft predicts exactly (its argmax given the
-    true prefix: the per-token acceptance rate of greedy speculation).
-
-    Returns:
-        tuple[float, int]: The share (``nan`` without output tokens) and how
-        many tokens it is over.
-    """
-    model.eval()
-    hits = total = 0.0
-    for batch in iterate_batches(seqs, batch_size, top_k_width(seqs)):
-        predicted = mx.argmax(model(batch.inputs), axis=-1)
-        counts = (
-            ((predicted == batch.targets) * batch.ce_mask).sum(),
-            batch.ce_mask.sum(),
-        )
-        mx.eval(counts)
-        hits += float(np.asarray(counts[0]))
-        total += float(np.asarray(counts[1]))
-    return (hits / total if total else math.nan), int(total)
+    if config.distill_weight > 0:
+        loss += config.distill_weight * kl_sum / max(n_dis, 1.0)
+    return float(loss), (n_hit / n_tok if n_tok else math.nan), int(n_tok)
 
 
 def load_resume(
     model: nn.Module, source: str | Path | Mapping[str, mx.array], lora: LoRASpec
 ) -> None:
-    """Load adapter weights into ``model``'s LoRA layers (laid out as ``lora``).
-
-    Args:
-        model (nn.Module): The model, with LoRA layers.
-        source (str | Path | Mapping): An mlx-lm adapter directory, its
-            ``adapters.safetensors`` file, or the weights (name -> array).
-        lora (LoRASpec): The model's LoRA layout, for messages and the scale.
+    """Load an mlx-lm adapter (directory, ``adapters.safetensors`` file, or
+    weights by name) into ``model``'s LoRA layers, laid out as ``lora``.
 
     Raises:
-        RuntimeError: If the weights cannot be read or do not match the layers.
+        RuntimeError: If it cannot be read or does not match the layers.
     """
     label = "given in memory" if isinstance(source, Mapping) else str(source)
     saved_scale = None
@@ -512,9 +460,7 @@ class LoRATrainer:
         self.show_progress = show_progress
         fused = unfuse_adapter(model)
         if fused is not None:
-            logger.info(
-                "training continues from adapter %s, unfused for training", fused
-            )
+            logger.info("training continues from adapter %s, unfused", fused)
         self.lora = attach_lora(model, self.config)
         self.checkpoint_dir = Path(self.config.checkpoint_dir).expanduser()
 
@@ -526,22 +472,9 @@ class LoRATrainer:
     def _prepare(
         self, examples: Sequence[TrainingExample | Mapping[str, Any]], what: str
     ) -> tuple[list[TokenSequence], list[str]]:
+        max_len = self.config.max_seq_length
         return prepare_examples(
-            examples,
-            what,
-            tokenizer=self.tokenizer,
-            vocab_size=self.vocab_size,
-            max_seq_length=self.config.max_seq_length,
-        )
-
-    def _evaluate(self, seqs: Sequence[TokenSequence], top_k: int) -> float:
-        return evaluate(
-            self.model,
-            seqs,
-            batch_size=self.config.batch_size,
-            top_k=top_k,
-            distill_weight=self.config.distill_weight,
-            distill_temperature=self.config.distill_temperature,
+            examples, what, self.tokenizer, self.vocab_size, max_len
         )
 
     def evaluate(
@@ -559,7 +492,7 @@ class LoRATrainer:
             float: The loss (``nan`` when no example has an output token).
         """
         seqs, _ = self._prepare(examples, "examples")
-        return self._evaluate(seqs, top_k_width(seqs))
+        return evaluate(self.model, seqs, self.config, top_k_width(seqs))[0]
 
     def train(
         self,
@@ -644,7 +577,6 @@ class LoRATrainer:
             not in train_id_set
         ]
         replay, _ = self._prepare(replay_examples, "replay examples")
-
         rng = np.random.default_rng(cfg.seed)
         train_set, eval_set = holdout_split(seqs, cfg.eval_fraction, rng)
         # Past examples are held out too, so that the best checkpoint (and the
@@ -652,41 +584,36 @@ class LoRATrainer:
         replay, replay_eval = holdout_split(replay, cfg.eval_fraction, rng)
         mx.random.seed(cfg.seed)
         with contextlib.ExitStack() as rollback:
-            # Until training has succeeded: the LoRA weights go back as they were.
-            rollback.callback(self._restore, adapter_weights(self.model))
+            # Unless training succeeds, the LoRA weights go back as they were.
+            snapshot = tree_unflatten(list(adapter_weights(self.model).items()))
+            rollback.callback(self.model.eval)
+            rollback.callback(self.model.update, snapshot)
             try:
                 result = self._fit(
                     train_set,
                     eval_set + replay_eval,
                     replay,
-                    rng=rng,
+                    rng,
                     epochs=cfg.num_epochs if num_epochs is None else num_epochs,
-                    learning_rate=float(
-                        cfg.learning_rate if learning_rate is None else learning_rate
-                    ),
+                    learning_rate=float(learning_rate or cfg.learning_rate),
                     resume_from=resume_from,
                     on_step=on_step,
                 )
             except (RuntimeError, ValueError):
                 raise
             except Exception as e:
-                raise RuntimeError(
-                    f"LoRA training failed: {type(e).__name__}: {e}"
-                ) from e
+                message = f"LoRA training failed: {type(e).__name__}: {e}"
+                raise RuntimeError(message) from e
             rollback.pop_all()
         return {**result, "elapsed_s": time.perf_counter() - start}
-
-    def _restore(self, weights: dict[str, mx.array]) -> None:
-        self.model.update(tree_unflatten(list(weights.items())))
-        self.model.eval()
 
     def _fit(
         self,
         train_set: list[TokenSequence],
         eval_set: list[TokenSequence],
         replay: list[TokenSequence],
-        *,
         rng: np.random.Generator,
+        *,
         epochs: int,
         learning_rate: float,
         resume_from: str | Path | Mapping[str, mx.array] | None,
@@ -699,12 +626,8 @@ class LoRATrainer:
         # of every batch, and losses and gradients are averaged across ranks.
         group = mx.distributed.init()
         parallel = group if group.size() > 1 else None
-        loss = draft_loss(
-            distill_weight=cfg.distill_weight,
-            distill_temperature=cfg.distill_temperature,
-            group=parallel,
-        )
         optimizer = optim.AdamW(learning_rate=learning_rate)
+        loss = draft_loss(cfg, parallel)
         step = train_step(
             model, loss, optimizer, grad_clip=cfg.grad_clip, group=parallel
         )
@@ -715,12 +638,8 @@ class LoRATrainer:
             "num_eval": len(eval_set),
             "num_replay": num_replay,
         }
-
-        initial_eval = self._evaluate(eval_set, top_k) if eval_set else None
-        initial_match, eval_tokens = (
-            match_rate(model, eval_set, batch_size=cfg.batch_size)
-            if eval_set
-            else (None, 0)
+        initial_eval, initial_match, eval_tokens = (
+            evaluate(model, eval_set, cfg, top_k) if eval_set else (None, None, 0)
         )
         match = best_match = initial_match
         losses: list[float] = []
@@ -728,6 +647,10 @@ class LoRATrainer:
         best = score = math.inf
         train_loss = math.nan
         paths = {alias: self.checkpoint_dir / alias for alias in CHECKPOINT_ALIASES}
+        # The path, or None (no resume, or weights given in memory).
+        resumed_from = (
+            str(resume_from) if isinstance(resume_from, (str, Path)) else None
+        )
         bar = tqdm(
             total=epochs * -(-(len(train_set) + num_replay) // cfg.batch_size),
             desc="LoRA training",
@@ -736,41 +659,37 @@ class LoRATrainer:
         )
 
         def after_step(global_step: int, epoch: int, loss: float) -> None:
-            if not math.isfinite(loss):
-                raise RuntimeError(
-                    f"LoRA training diverged: loss is {loss} at step {global_step} "
-                    f"(epoch {epoch}); try a lower learning_rate (now "
-                    f"{learning_rate:g}) or set training.grad_clip"
-                )
-            losses.append(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
             if on_step is not None:
                 on_step(global_step, loss)
 
-        epochs_run = train_epochs(
+        epoch_seqs = functools.partial(
+            epoch_sequences, train_set, replay, num_replay, rng
+        )
+        run = train_epochs(
             model,
             step,
-            functools.partial(epoch_sequences, train_set, replay, num_replay, rng),
+            epoch_seqs,
+            cfg,
             epochs=epochs,
-            batch_size=cfg.batch_size,
             top_k=top_k,
+            learning_rate=learning_rate,
             group=parallel,
             on_step=after_step,
         )
         try:
-            for epoch, epoch_losses in epochs_run:
-                train_loss = float(np.mean(epoch_losses))
-                score = train_loss
+            for epoch, epoch_losses in run:
+                losses += epoch_losses
+                train_loss = score = float(np.mean(epoch_losses))
                 if eval_set:
-                    score = self._evaluate(eval_set, top_k)
+                    score, match, _ = evaluate(model, eval_set, cfg, top_k)
                     if not math.isfinite(score):
                         raise RuntimeError(
-                            f"LoRA training diverged: eval loss is {score} after epoch "
-                            f"{epoch}"
+                            f"LoRA training diverged: eval loss is {score} after "
+                            f"epoch {epoch}"
                         )
                     eval_losses.append(score)
-                    match = match_rate(model, eval_set, batch_size=cfg.batch_size)[0]
                 logger.info(
                     "epoch %d/%d: train loss %.4f%s",
                     epoch,
@@ -793,20 +712,15 @@ class LoRATrainer:
                     "losses": list(losses),
                     "eval_losses": list(eval_losses),
                     **sizes,
-                    "resumed_from": (
-                        None
-                        if resume_from is None or isinstance(resume_from, Mapping)
-                        else str(resume_from)
-                    ),
+                    "resumed_from": resumed_from,
                 }
                 saves = {"latest": True, "best": improved, "final": epoch == epochs}
                 for alias in CHECKPOINT_ALIASES:
                     # The ranks hold identical weights: one writer, and the
                     # other ranks never touch checkpoint_dir.
                     if saves[alias] and group.rank() == 0:
-                        save_adapter_checkpoint(
-                            model, paths[alias], self.lora.adapter_config(), state
-                        )
+                        config = self.lora.adapter_config()
+                        save_adapter_checkpoint(model, paths[alias], config, state)
         finally:
             bar.close()
             model.eval()

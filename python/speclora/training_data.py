@@ -37,35 +37,24 @@ class TokenSequence:
 _EMPTY_ROW = TokenSequence(np.zeros(2, np.int32), 2, np.zeros(0, np.int32), [], [])
 
 
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """``tokenizer.encode(text)`` without special tokens, where it takes the option."""
-    try:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-    except TypeError:
-        ids = tokenizer.encode(text)
-    return [int(t) for t in ids]
-
-
 def prepare_example(
-    example: TrainingExample, *, tokenizer: Any, vocab_size: int, max_seq_length: int
+    example: TrainingExample, tokenizer: Any, vocab_size: int, max_seq_length: int
 ) -> TokenSequence | None:
-    """Tokenize one example; ``None`` when it has no output token to learn.
-
-    Args:
-        example (TrainingExample): The example; ``target_output`` is encoded
-            with ``tokenizer`` when ``output_tokens`` is empty.
-        tokenizer: Anything with ``encode(text, add_special_tokens=False)``.
-        vocab_size (int): The draft's vocabulary size.
-        max_seq_length (int): Tokens kept, prompt included.
+    """Tokenize one example (``target_output`` with ``tokenizer`` when it has no
+    ``output_tokens``); ``None`` when it has no output token to learn.
 
     Raises:
         ValueError: If a token id falls outside the draft's vocabulary (the
             example was collected with another tokenizer, or is damaged).
     """
     prompt = list(example.prompt_tokens)
-    output = list(example.output_tokens) or encode_text(
-        tokenizer, example.target_output
-    )
+    output = list(example.output_tokens)
+    if not output:
+        try:
+            ids = tokenizer.encode(example.target_output, add_special_tokens=False)
+        except TypeError:
+            ids = tokenizer.encode(example.target_output)
+        output = [int(t) for t in ids]
     tokens = (prompt + output)[:max_seq_length]
     bad = [t for t in tokens if not 0 <= t < vocab_size]
     if bad:
@@ -108,13 +97,12 @@ def prepare_example(
 def prepare_examples(
     examples: Sequence[TrainingExample | Mapping[str, Any]],
     what: str,
-    *,
     tokenizer: Any,
     vocab_size: int,
     max_seq_length: int,
 ) -> tuple[list[TokenSequence], list[str]]:
-    """:func:`prepare_example` over ``examples``, skipping (with a warning naming
-    ``what``) those with nothing to learn or that the draft cannot use.
+    """:func:`prepare_example` over ``examples`` (dicts are converted), skipping
+    with a warning those with nothing to learn or that the draft cannot use.
 
     Returns:
         tuple: The sequences and the ids of their examples.
@@ -127,12 +115,7 @@ def prepare_examples(
         if not isinstance(ex, TrainingExample):
             ex = TrainingExample.from_dict(ex)
         try:
-            seq = prepare_example(
-                ex,
-                tokenizer=tokenizer,
-                vocab_size=vocab_size,
-                max_seq_length=max_seq_length,
-            )
+            seq = prepare_example(ex, tokenizer, vocab_size, max_seq_length)
         except ValueError as e:
             # One example this draft cannot learn from must not stop the rest.
             unusable.append(str(e))
@@ -169,16 +152,12 @@ def top_k_width(seqs: Sequence[TokenSequence]) -> int:
 def make_batch(seqs: Sequence[TokenSequence], top_k: int) -> Batch:
     """Pad sequences into the loss's input arrays."""
     b = len(seqs)
-    longest = max(len(s.tokens) - 1 for s in seqs)
-    t = -(-longest // _LENGTH_BUCKET) * _LENGTH_BUCKET
-    inputs = np.zeros((b, t), dtype=np.int32)
-    targets = np.zeros((b, t), dtype=np.int32)
-    ce_mask = np.zeros((b, t), dtype=np.float32)
+    t = -(-max(len(s.tokens) - 1 for s in seqs) // _LENGTH_BUCKET) * _LENGTH_BUCKET
+    inputs, targets = np.zeros((2, b, t), dtype=np.int32)
+    ce_mask, distill_mask = np.zeros((2, b, t), dtype=np.float32)
     topk_ids = np.zeros((b, t, top_k), dtype=np.int32)
-    target_p = np.zeros((b, t, top_k), dtype=np.float32)
-    target_logp = np.zeros((b, t, top_k), dtype=np.float32)
+    target_p, target_logp = np.zeros((2, b, t, top_k), dtype=np.float32)
     topk_valid = np.zeros((b, t, top_k), dtype=bool)
-    distill_mask = np.zeros((b, t), dtype=np.float32)
     for row, s in enumerate(seqs):
         n = len(s.tokens) - 1
         inputs[row, :n] = s.tokens[:-1]
@@ -192,41 +171,21 @@ def make_batch(seqs: Sequence[TokenSequence], top_k: int) -> Batch:
             target_p[row, index, :k] = np.exp(logp)
             topk_valid[row, index, :k] = True
             distill_mask[row, index] = 1.0
-    return Batch(
-        *(
-            mx.array(a)
-            for a in (
-                inputs,
-                targets,
-                ce_mask,
-                topk_ids,
-                target_p,
-                target_logp,
-                topk_valid,
-                distill_mask,
-            )
-        )
-    )
+    arrays = (inputs, targets, ce_mask, topk_ids, target_p, target_logp, topk_valid)
+    return Batch(*map(mx.array, (*arrays, distill_mask)))
 
 
 def iterate_batches(
     seqs: Sequence[TokenSequence],
     batch_size: int,
     top_k: int,
-    *,
     rank: int = 0,
     size: int = 1,
 ) -> Iterator[Batch]:
-    """Consecutive batches of ``batch_size`` sequences, in order.
+    """Consecutive batches of ``batch_size`` of ``seqs``, with ``top_k`` slots.
 
-    Args:
-        seqs (Sequence[TokenSequence]): The sequences.
-        batch_size (int): Sequences per batch (the last one may have fewer).
-        top_k (int): Top-k slots per position (:func:`top_k_width`).
-        rank (int): This process's rank under data parallelism: it gets rows
-            ``rank::size`` of every batch, or a row adding nothing to the loss
-            when that is none. Default: ``0``.
-        size (int): The number of ranks. Default: ``1``.
+    Under data parallelism over ``size`` ranks, rank ``rank`` gets rows
+    ``rank::size`` of every batch (a row adding nothing to the loss when none).
     """
     for i in range(0, len(seqs), batch_size):
         yield make_batch(seqs[i : i + batch_size][rank::size] or [_EMPTY_ROW], top_k)
@@ -235,24 +194,16 @@ def iterate_batches(
 def holdout_split(
     seqs: list[TokenSequence], fraction: float, rng: np.random.Generator
 ) -> tuple[list[TokenSequence], list[TokenSequence]]:
-    """A random ``fraction`` held out (at least one, and never all, when there
-    are two or more).
-
-    Returns:
-        tuple: The rest in their order, and the held-out sequences.
-    """
+    """The rest of ``seqs`` in order, and a random ``fraction`` held out (at least
+    one, and never all, when there are two or more)."""
     n = len(seqs)
-    n_eval = 0
-    if fraction > 0 and n >= 2:
-        n_eval = min(max(1, round(fraction * n)), n - 1)
+    n_eval = min(max(1, round(fraction * n)), n - 1) if fraction > 0 and n >= 2 else 0
     order = rng.permutation(n)
-    eval_set = [seqs[i] for i in order[:n_eval]]
-    train_set = [seqs[i] for i in sorted(order[n_eval:])]
-    return train_set, eval_set
+    return [seqs[i] for i in sorted(order[n_eval:])], [seqs[i] for i in order[:n_eval]]
 
 
 def replay_count(num_train: int, available: int, ratio: float) -> int:
-    """How many replayed examples make up ``ratio`` of an epoch of ``num_train``."""
+    """How many replayed sequences make up ``ratio`` of an epoch."""
     if ratio <= 0 or available == 0:
         return 0
     if ratio >= 1:

@@ -223,7 +223,7 @@ def train(
     start = time.perf_counter()
     for it in range(1, spec.steps + 1):
         batch = mx.array(sampler.batch(rng, spec.batch_size, spec.mix))
-        recent.append(step(batch).item())
+        recent.append(float(np.asarray(step(batch))))
         recent = recent[-log_every:]
         if it % log_every == 0 or it == spec.steps:
             elapsed = time.perf_counter() - start
