@@ -250,6 +250,12 @@ def test_every_field_has_help(section: type) -> None:
         assert f.metadata.get("help"), f"{section.__name__}.{f.name} has no help text"
 
 
+@pytest.mark.parametrize("section", list(SECTIONS.values()))
+def test_help_is_the_pydantic_description(section: Any) -> None:
+    for f in fields(section):
+        assert section.__pydantic_fields__[f.name].description == f.metadata["help"]
+
+
 def test_relative_paths_resolve_against_config_file(tmp_path: Path) -> None:
     (tmp_path / "models" / "mine").mkdir(parents=True)
     config_file = tmp_path / "conf" / "c.yaml"

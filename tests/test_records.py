@@ -95,6 +95,17 @@ def test_array_and_numpy_scalars_become_plain_json_types() -> None:
     assert data["top_k_tokens"] == [6, 5] and data["target_confidence"] == 1.0
 
 
+def test_lists_of_numpy_scalars_become_plain_lists() -> None:
+    d = Disagreement.from_dict(
+        disagreement_dict(
+            top_k_tokens=[np.int64(42), np.int32(17), 5],
+            top_k_logprobs=[np.float32(-0.5), -1.0, np.float32(-2.0)],
+        )
+    )
+    assert d.top_k_tokens == [42, 17, 5] and d.top_k_logprobs == [-0.5, -1.0, -2.0]
+    assert {type(v) for v in d.top_k_tokens + d.top_k_logprobs} == {int, float}
+
+
 def test_datetime_timestamp_is_stored_as_iso_string() -> None:
     ex = TrainingExample.from_dict(
         example_dict(timestamp=datetime(2024, 5, 6, 7, 8, 9))
@@ -231,8 +242,10 @@ _json = st.recursive(
     | st.integers(-(10**400), 10**400)
     | st.floats()
     | _text,
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 _FIELDS = [

@@ -1,4 +1,5 @@
-"""Validated configuration: the sections of ``configs/config.yaml`` as dataclasses.
+"""Validated configuration: the sections of ``configs/config.yaml`` as dataclasses
+validated by pydantic (see :mod:`speclora.validation`).
 
 Every section is optional and every key has a default. Validation refuses unknown
 sections and keys, wrong types (a bool is not an integer) and out-of-range values
@@ -12,17 +13,22 @@ directory (``load_config``) or the current directory.
 
 from __future__ import annotations
 
-import abc
-import difflib
-import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, get_origin
 
 import yaml
+from pydantic import (
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+
+from speclora.validation import CONFIG, HERE, accepts, build, show, unknown, validated
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
@@ -75,228 +81,19 @@ _MAX_QUEUE_SIZE = 2**20
 more than one process can keep open."""
 
 
-def _num(x: float) -> str:
-    """A bound as written in messages: integers in full, floats shortest."""
-    if isinstance(x, int) or (x.is_integer() and abs(x) < 2**53):
-        return str(int(x))
-    return repr(x)
-
-
-def _show(value: Any, type_ok: bool) -> str:
-    text = repr(value)
-    if len(text) > 80:
-        text = text[:77] + "..."
-    return text if type_ok else f"{text} ({type(value).__name__})"
-
-
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-# PyYAML (YAML 1.1) reads a float only with a dot, and an exponent only when signed:
-# 1e-4 and 1.0e300 are strings, 1.0e-4 and 1.0e+300 are floats.
-_EXPONENT = re.compile(r"([-+]?[0-9_]*)(\.[0-9_]*)?[eE]([-+]?)([0-9]+)")
-
-
-def _signed_exponent(text: str) -> str:
-    m = _EXPONENT.fullmatch(text)
-    if not m:
-        return text
-    mantissa, fraction, sign, power = m.groups()
-    return f"{mantissa}{fraction or '.0'}e{sign or '+'}{power}"
-
-
-def _yaml_number(text: str, *, integer: bool) -> str | None:
-    """How to write the number in ``text`` so that YAML reads a number, or None."""
-    s = text.strip()
-    try:
-        number = float(s)
-    except ValueError:
-        return None
-    if not math.isfinite(number) or (integer and not number.is_integer()):
-        return None
-    if integer:
-        candidates = [s, str(int(number))]
-    else:
-        candidates = [_signed_exponent(s), _signed_exponent(repr(number))]
-    for candidate in candidates:
-        try:
-            value = yaml.safe_load(f"v: {candidate}")["v"]
-        except (yaml.YAMLError, ValueError):
-            continue
-        if (_is_int(value) if integer else _is_number(value)) and value == number:
-            return candidate
-    return None
-
-
-class _Rule(abc.ABC):
-    """What a key accepts: ``check`` returns the normalized value or raises."""
-
-    text: str
-
-    @abc.abstractmethod
-    def accepts(self, value: Any) -> tuple[bool, bool, Any]:
-        """Returns (type is right, value is allowed, normalized value)."""
-
-    def check(self, key: str, value: Any) -> Any:
-        type_ok, ok, normalized = self.accepts(value)
-        if ok:
-            return normalized
-        hint = ""
-        if isinstance(value, str) and isinstance(self, (_Int, _Number)):
-            integer = isinstance(self, _Int)
-            written = _yaml_number(value, integer=integer)
-            if written == value.strip():
-                hint = f" (a string: write {written} without quotes)"
-            elif written is not None and not integer and _EXPONENT.search(value):
-                hint = (
-                    " (YAML reads this as a string: an exponent needs a dot and a "
-                    f"sign, as in {written})"
-                )
-            elif written is not None:
-                hint = f" (YAML reads this as a string: write {written})"
-        raise ValueError(
-            f"{key} must be {self.text}, got {_show(value, type_ok)}{hint}"
-        )
-
-
-def _range_text(
-    lo: float | None, hi: float | None, lo_open: bool, hi_open: bool
-) -> str:
-    if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
-    if lo is not None:
-        return f"{'>' if lo_open else '>='} {_num(lo)}"
-    if hi is not None:
-        return f"{'<' if hi_open else '<='} {_num(hi)}"
-    return ""
-
-
-class _Int(_Rule):
-    def __init__(
-        self,
-        lo: int | None = None,
-        hi: int | None = None,
-        *,
-        nullable: bool = False,
-        also: tuple[int, ...] = (),
-        text: str | None = None,
-    ):
-        self.lo, self.hi, self.nullable, self.also = lo, hi, nullable, also
-        default = f"an integer {_range_text(lo, hi, False, False)}".rstrip()
-        self.text = text or (f"null or {default}" if nullable else default)
-
-    def accepts(self, value: Any) -> tuple[bool, bool, Any]:
-        if value is None:
-            return self.nullable, self.nullable, None
-        if not _is_int(value):
-            return False, False, value
-        if value in self.also:
-            return True, True, value
-        ok = (self.lo is None or value >= self.lo) and (
-            self.hi is None or value <= self.hi
-        )
-        return True, ok, value
-
-
-class _Number(_Rule):
-    def __init__(
-        self,
-        lo: float | None = None,
-        hi: float | None = None,
-        *,
-        lo_open: bool = False,
-        hi_open: bool = False,
-        nullable: bool = False,
-        also: tuple[float, ...] = (),
-        text: str | None = None,
-    ):
-        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
-        self.nullable, self.also = nullable, also
-        bounds = _range_text(lo, hi, lo_open, hi_open)
-        default = f"a finite number {bounds}".rstrip()
-        self.text = text or (f"null or {default}" if nullable else default)
-
-    def accepts(self, value: Any) -> tuple[bool, bool, Any]:
-        if value is None:
-            return self.nullable, self.nullable, None
-        if not _is_number(value):
-            return False, False, value
-        try:
-            x = float(value)
-        except OverflowError:  # an integer beyond any float
-            return True, False, value
-        if not math.isfinite(x):
-            return True, False, value
-        if x in self.also:
-            return True, True, x
-        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
-            return True, False, value
-        if self.hi is not None and (x >= self.hi if self.hi_open else x > self.hi):
-            return True, False, value
-        return True, True, x
-
-
-class _Bool(_Rule):
-    text = "true or false"
-
-    def accepts(self, value: Any) -> tuple[bool, bool, Any]:
-        ok = isinstance(value, bool)
-        return ok, ok, value
-
-
-class _Str(_Rule):
-    def __init__(
-        self,
-        *,
-        choices: tuple[str, ...] = (),
-        nullable: bool = False,
-        upper: bool = False,
-    ):
-        self.choices, self.nullable, self.upper = choices, nullable, upper
-        if choices:
-            default = "one of " + ", ".join(repr(c) for c in choices)
-        else:
-            default = "a non-empty string"
-        self.text = f"null or {default}" if nullable else default
-
-    def accepts(self, value: Any) -> tuple[bool, bool, Any]:
-        if value is None:
-            return self.nullable, self.nullable, None
-        if not isinstance(value, str):
-            return False, False, value
-        normalized = value.upper() if self.upper else value
-        if self.choices:
-            return True, normalized in self.choices, normalized
-        return True, bool(value.strip()), value
-
-
-class _StrList(_Rule):
-    def __init__(self, *, nonempty: bool):
-        self.nonempty = nonempty
-        self.text = (
-            "a non-empty list" if nonempty else "a list"
-        ) + " of non-empty strings"
-
-    def accepts(self, value: Any) -> tuple[bool, bool, Any]:
-        if not isinstance(value, (list, tuple)):
-            return False, False, value
-        ok = all(isinstance(v, str) and v.strip() for v in value)
-        ok = ok and (bool(value) or not self.nonempty)
-        return True, ok, list(value)
-
-
-def _opt(default: Any, rule: _Rule, help: str) -> Any:
-    """A dataclass field with its validation rule and help text."""
+def _opt(default: Any, help: str, **rules: Any) -> Any:
+    """A field with its help text and pydantic ``Field`` constraints (``ge``, ``lt``
+    ...), ``enum`` (the values allowed) and ``also`` (values allowed outside the
+    range, mapped to what they mean)."""
+    extra = {k: rules.pop(k) for k in ("enum", "also") if k in rules}
+    metadata = {"help": help, "description": help, "json_schema_extra": extra, **rules}
     if isinstance(default, list):
-        return field(
-            default_factory=lambda: list(default), metadata={"help": help, "rule": rule}
-        )
-    return field(default=default, metadata={"help": help, "rule": rule})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+_Text = Annotated[str, Field(min_length=1, pattern=r"\S")]
+"""A string with something besides whitespace."""
 
 
 def _absolute(path: str, base_dir: Path) -> str:
@@ -310,27 +107,38 @@ def _is_path_like(ref: str) -> bool:
     return ref.startswith((".", "~", "/")) or Path(ref).is_absolute()
 
 
-class _Section:
-    """Shared validation for the config sections (dataclasses below)."""
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
-    section: ClassVar[str]
+
+class _Section:
+    """Shared validation for the config sections (pydantic dataclasses below)."""
+
     path_fields: ClassVar[tuple[str, ...]] = ()
 
-    def __post_init__(self) -> None:
-        for f in fields(self):  # type: ignore[arg-type]
-            rule: _Rule = f.metadata["rule"]
-            setattr(
-                self,
-                f.name,
-                rule.check(f"{self.section}.{f.name}", getattr(self, f.name)),
-            )
-        self._check_together()
-
-    def _check_together(self) -> None:
-        """Constraints between keys of the section."""
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _declared(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        """What pydantic's constraints do not express: ``also``, ``enum``, tuples."""
+        declared = cls.__pydantic_fields__[info.field_name]  # type: ignore[attr-defined,index]
+        extra = declared.json_schema_extra
+        if isinstance(value, tuple) and get_origin(declared.annotation) is list:
+            value = list(value)
+        try:
+            value = handler(value)
+        except ValidationError as e:
+            if all(err["type"] in _RANGE_ERRORS for err in e.errors()):
+                for allowed in extra.get("also", ()):
+                    if value == allowed:
+                        return allowed
+            raise
+        if value is not None and value not in extra.get("enum", (value,)):
+            raise ValueError(accepts(declared))
+        return value
 
     @classmethod
-    def _complete(cls, d: dict[str, Any]) -> dict[str, Any]:
+    def _complete(cls, d: Any) -> Any:
         """Defaults that depend on other keys given."""
         return d
 
@@ -358,19 +166,7 @@ class _Section:
         Returns:
             The validated section, with paths made absolute.
         """
-        if d is None:
-            d = {}
-        if not isinstance(d, Mapping):
-            raise ValueError(
-                f"{cls.section} must be a mapping of keys to values, got {_show(d, False)}"
-            )
-        allowed = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-        for key in d:
-            if key not in allowed:
-                raise ValueError(
-                    _unknown(f"key '{cls.section}.{key}'", str(key), allowed)
-                )
-        section = cls(**cls._complete(dict(d)))
+        section = build(cls, cls._complete({} if d is None else d))
         section._resolve_paths(
             Path(base_dir).expanduser() if base_dir is not None else Path.cwd()
         )
@@ -378,58 +174,45 @@ class _Section:
 
     def to_dict(self) -> dict[str, Any]:
         """The section as a plain dict (lists copied)."""
-        out = {}
-        for f in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, list) else value
-        return out
+        values = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        return {k: list(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
-def _unknown(what: str, name: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(name, allowed, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"unknown {what} (allowed: {', '.join(allowed)}){hint}"
-
-
-@dataclass
+# Strict: a bool is not an integer, "0.5" not a number.
+@validated("models", style=CONFIG, strict=True)
 class ModelsConfig(_Section):
     """Which target and draft models to load, and the draft's starting adapter."""
 
-    section: ClassVar[str] = "models"
-
-    target: str = _opt(
+    target: _Text = _opt(
         "zoo:target",
-        _Str(),
         "Target model: a local directory, a Hugging Face hub id, or zoo:NAME for a shipped model.",
     )
-    draft: str = _opt(
+    draft: _Text = _opt(
         "zoo:draft",
-        _Str(),
         "Draft model (same forms as target); must share the target's tokenizer and vocabulary.",
     )
-    draft_adapter: str | None = _opt(
+    draft_adapter: _Text | None = _opt(
         None,
-        _Str(nullable=True),
         "Adapter to serve: null = the active one under training.checkpoint_dir (the "
         "last promoted, followed as it changes), base = none, or a fixed directory or "
         "alias (active/previous/best/final/latest).",
     )
     dtype: str = _opt(
         "auto",
-        _Str(choices=MODEL_DTYPES),
         "Floating-point type the models compute in: auto (float32 on CPU, where half "
         "precision has no fast matmul; the stored type on a GPU), float32, float16, bfloat16.",
+        enum=MODEL_DTYPES,
     )
     quantize_bits: int | None = _opt(
         None,
-        _Int(9, 8, nullable=True, also=QUANTIZE_BITS, text="null or one of [2, 3, 4, 5, 6, 8]"),
         "Quantize both models' weights to this many bits at load (mlx-lm's affine "
         "quantization; models already quantized stay as they are); null keeps them.",
+        enum=QUANTIZE_BITS,
     )
     quantize_group_size: int = _opt(
         64,
-        _Int(129, 128, also=QUANTIZE_GROUP_SIZES, text="one of [32, 64, 128]"),
         "Weights per quantization scale when quantize_bits is set.",
+        enum=QUANTIZE_GROUP_SIZES,
     )
 
     def _resolve_paths(self, base_dir: Path) -> None:
@@ -445,264 +228,246 @@ class ModelsConfig(_Section):
             self.draft_adapter = _absolute(self.draft_adapter, base_dir)
 
 
-@dataclass
+@validated("generation", style=CONFIG, strict=True)
 class GenerationConfig(_Section):
     """Decoding settings."""
 
-    section: ClassVar[str] = "generation"
-
     mode: str = _opt(
         "fast",
-        _Str(choices=GENERATION_MODES),
         "fast: fused decoding; detailed: also records disagreements.",
+        enum=GENERATION_MODES,
     )
     max_tokens: int = _opt(
-        128, _Int(1, _INT32_MAX), "Maximum number of tokens generated per prompt."
+        128, "Maximum number of tokens generated per prompt.", ge=1, le=_INT32_MAX
     )
     temperature: float = _opt(
         0.0,
-        _Number(
-            _MIN_TEMPERATURE,
-            _MAX_TEMPERATURE,
-            also=(0.0,),
-            text=f"0 (greedy) or a finite number in [{_num(_MIN_TEMPERATURE)}, "
-            f"{_num(_MAX_TEMPERATURE)}]",
-        ),
         "Sampling temperature; 0 is greedy.",
+        ge=_MIN_TEMPERATURE,
+        le=_MAX_TEMPERATURE,
+        also={0.0: "greedy"},
     )
-    top_p: float = _opt(
-        1.0, _Number(0.0, 1.0, lo_open=True), "Nucleus sampling mass; 1 disables it."
-    )
+    top_p: float = _opt(1.0, "Nucleus sampling mass; 1 disables it.", gt=0, le=1)
     top_k: int = _opt(
-        0, _Int(0, _INT32_MAX), "Keep only the k most likely tokens; 0 disables it."
+        0, "Keep only the k most likely tokens; 0 disables it.", ge=0, le=_INT32_MAX
     )
     min_p: float = _opt(
         0.0,
-        _Number(0.0, 1.0, hi_open=True),
         "Drop tokens below min_p times the top probability; 0 disables it.",
+        ge=0,
+        lt=1,
     )
     num_draft_tokens: int = _opt(
         4,
-        _Int(1, 32),
         "Tokens the draft proposes per verification step (initial value when adaptive).",
+        ge=1,
+        le=32,
     )
     adaptive_draft: bool = _opt(
-        True, _Bool(), "Adapt the number of draft tokens to the recent acceptance rate."
+        True, "Adapt the number of draft tokens to the recent acceptance rate."
     )
     max_draft_tokens: int = _opt(
         _DEFAULT_MAX_DRAFT_TOKENS,
-        _Int(1, 32),
         "Upper bound for adaptive drafting; >= num_draft_tokens (defaults to it when larger than 8).",
+        ge=1,
+        le=32,
     )
     ngram_proposer: bool = _opt(
         True,
-        _Bool(),
         "Adaptive drafting may also propose tokens by prompt lookup (no model call).",
     )
     use_chat_template: bool = _opt(
-        True, _Bool(), "Format prompts with the tokenizer's chat template."
+        True, "Format prompts with the tokenizer's chat template."
     )
-    stop_tokens: list[str] = _opt(  # noqa: RUF009 (_opt wraps dataclasses.field)
-        [], _StrList(nonempty=False), "Extra strings that end generation (besides EOS)."
+    stop_tokens: list[_Text] = _opt(
+        [], "Extra strings that end generation (besides EOS)."
     )
     max_kv_size: int | None = _opt(
         None,
-        _Int(16, _MAX_KV_SIZE, nullable=True),
         "Sliding-window KV cache size in tokens; null keeps all.",
+        ge=16,
+        le=_MAX_KV_SIZE,
     )
     seed: int | None = _opt(
         None,
-        _Int(0, _UINT64_MAX, nullable=True),
         "Random seed for sampling; null leaves MLX's state alone.",
+        ge=0,
+        le=_UINT64_MAX,
     )
     memory_limit_gb: float | None = _opt(
         None,
-        _Number(0.0, _MAX_MEMORY_GB, lo_open=True, nullable=True),
         "MLX memory limit in GiB; null keeps MLX's default.",
+        gt=0,
+        le=_MAX_MEMORY_GB,
     )
 
     @classmethod
-    def _complete(cls, d: dict[str, Any]) -> dict[str, Any]:
+    def _complete(cls, d: Any) -> Any:
         # Asking for more draft tokens than the default bound raises the bound too.
+        if not isinstance(d, Mapping) or "max_draft_tokens" in d:
+            return d
         n = d.get("num_draft_tokens")
-        if "max_draft_tokens" not in d and _is_int(n) and n > _DEFAULT_MAX_DRAFT_TOKENS:
-            d["max_draft_tokens"] = n
+        if type(n) is int and n > _DEFAULT_MAX_DRAFT_TOKENS:
+            return {**d, "max_draft_tokens": n}
         return d
 
-    def _check_together(self) -> None:
+    def __post_init__(self) -> None:
+        # Constraints between keys, checked once each key is valid.
         if self.max_draft_tokens < self.num_draft_tokens:
             raise ValueError(
-                f"generation.max_draft_tokens must be >= generation.num_draft_tokens "
+                f"{HERE}.max_draft_tokens must be >= {HERE}.num_draft_tokens "
                 f"({self.num_draft_tokens}), got {self.max_draft_tokens}"
             )
 
 
-@dataclass
+@validated("collection", style=CONFIG, strict=True)
 class CollectionConfig(_Section):
     """Where and when low-acceptance generations are kept for training."""
 
-    section: ClassVar[str] = "collection"
     path_fields: ClassVar[tuple[str, ...]] = ("data_dir",)
 
-    data_dir: str = _opt(
+    data_dir: _Text = _opt(
         "~/.cache/speclora/failures",
-        _Str(),
         "Directory for collected failures and the replay buffer.",
     )
     acceptance_threshold: float = _opt(
         0.5,
-        _Number(0.0, 1.0),
         "A detailed-mode generation below this acceptance rate is a failure.",
+        ge=0,
+        le=1,
     )
     replay_buffer_max_size: int = _opt(
         100,
-        _Int(0, _INT64_MAX),
         "Examples kept for replay after training; 0 keeps none.",
+        ge=0,
+        le=_INT64_MAX,
     )
     top_k_logprobs: int = _opt(
-        20, _Int(1, 256), "Target log-probabilities recorded per disagreement."
+        20, "Target log-probabilities recorded per disagreement.", ge=1, le=256
     )
     tracker_window: int = _opt(
-        20, _Int(1, _INT32_MAX), "Generations averaged for the recent acceptance rate."
+        20, "Generations averaged for the recent acceptance rate.", ge=1, le=_INT32_MAX
     )
 
 
-@dataclass
+@validated("training", style=CONFIG, strict=True)
 class TrainingConfig(_Section):
     """LoRA training of the draft on collected failures."""
 
-    section: ClassVar[str] = "training"
     path_fields: ClassVar[tuple[str, ...]] = ("checkpoint_dir",)
 
-    rank: int = _opt(8, _Int(1, _MAX_LORA_RANK), "LoRA rank.")
+    rank: int = _opt(8, "LoRA rank.", ge=1, le=_MAX_LORA_RANK)
     alpha: float = _opt(
         16.0,
-        _Number(0.0, _MAX_LORA_ALPHA, lo_open=True),
         "LoRA alpha; the update is scaled by alpha / rank.",
+        gt=0,
+        le=_MAX_LORA_ALPHA,
     )
-    dropout: float = _opt(
-        0.0,
-        _Number(0.0, 1.0, hi_open=True),
-        "Dropout on the LoRA input during training.",
-    )
-    target_modules: list[str] = _opt(  # noqa: RUF009 (_opt wraps dataclasses.field)
-        ["q_proj", "v_proj"],
-        _StrList(nonempty=True),
-        "Linear layers that get LoRA, by name.",
+    dropout: float = _opt(0.0, "Dropout on the LoRA input during training.", ge=0, lt=1)
+    target_modules: list[_Text] = _opt(
+        ["q_proj", "v_proj"], "Linear layers that get LoRA, by name.", min_length=1
     )
     num_layers: int = _opt(
         -1,
-        _Int(
-            1,
-            _INT32_MAX,
-            also=(-1,),
-            text=f"-1 (all layers) or an integer in [1, {_INT32_MAX}]",
-        ),
         "LoRA on the last num_layers blocks; -1 means all.",
+        ge=1,
+        le=_INT32_MAX,
+        also={-1: "all layers"},
     )
-    learning_rate: float = _opt(
-        1e-3, _Number(0.0, 1.0, lo_open=True), "AdamW learning rate."
-    )
+    learning_rate: float = _opt(1e-3, "AdamW learning rate.", gt=0, le=1)
     num_epochs: int = _opt(
-        3, _Int(1, _INT32_MAX), "Passes over the training examples per train() call."
+        3, "Passes over the training examples per train() call.", ge=1, le=_INT32_MAX
     )
-    batch_size: int = _opt(4, _Int(1, _INT32_MAX), "Sequences per optimizer step.")
+    batch_size: int = _opt(4, "Sequences per optimizer step.", ge=1, le=_INT32_MAX)
     min_examples: int = _opt(
-        8, _Int(1, _INT32_MAX), "Failures required before training runs."
+        8, "Failures required before training runs.", ge=1, le=_INT32_MAX
     )
     max_seq_length: int = _opt(
-        512, _Int(8, _INT32_MAX), "Sequences are truncated to this many tokens."
+        512, "Sequences are truncated to this many tokens.", ge=8, le=_INT32_MAX
     )
     distill_weight: float = _opt(
         0.5,
-        _Number(0.0, _MAX_DISTILL_WEIGHT),
         "Weight of the distillation term at disagreement positions.",
+        ge=0,
+        le=_MAX_DISTILL_WEIGHT,
     )
     distill_temperature: float = _opt(
         1.0,
-        _Number(_MIN_TEMPERATURE, _MAX_TEMPERATURE),
         "Temperature of the distillation term.",
+        ge=_MIN_TEMPERATURE,
+        le=_MAX_TEMPERATURE,
     )
     replay_ratio: float = _opt(
-        0.25,
-        _Number(0.0, 1.0),
-        "Share of replay-buffer examples mixed into each epoch.",
+        0.25, "Share of replay-buffer examples mixed into each epoch.", ge=0, le=1
     )
     eval_fraction: float = _opt(
-        0.1,
-        _Number(0.0, 0.5),
-        "Share of examples held out to pick the best checkpoint.",
+        0.1, "Share of examples held out to pick the best checkpoint.", ge=0, le=0.5
     )
-    checkpoint_dir: str = _opt(
+    checkpoint_dir: _Text = _opt(
         "~/.cache/speclora/checkpoints",
-        _Str(),
         "Directory holding the best/, final/ and latest/ checkpoints.",
     )
     seed: int = _opt(
-        0, _Int(0, _UINT64_MAX), "Seed for shuffling, dropout and LoRA initialization."
+        0, "Seed for shuffling, dropout and LoRA initialization.", ge=0, le=_UINT64_MAX
     )
     grad_clip: float | None = _opt(
         1.0,
-        _Number(0.0, _MAX_GRAD_CLIP, lo_open=True, nullable=True),
         "Clip the gradient norm to this value; null disables clipping.",
+        gt=0,
+        le=_MAX_GRAD_CLIP,
     )
     auto: bool = _opt(
         False,
-        _Bool(),
         "Train in the background, without pausing generation, whenever detailed "
         "generations have collected min_examples failures.",
     )
 
 
-@dataclass
+@validated("logging", style=CONFIG, strict=True)
 class LoggingConfig(_Section):
     """Logging and progress output."""
 
-    section: ClassVar[str] = "logging"
+    level: str = _opt("INFO", "Log level (case-insensitive).", enum=LOG_LEVELS)
+    show_progress: bool = _opt(True, "Show progress bars for batches and training.")
 
-    level: str = _opt(
-        "INFO", _Str(choices=LOG_LEVELS, upper=True), "Log level (case-insensitive)."
-    )
-    show_progress: bool = _opt(
-        True, _Bool(), "Show progress bars for batches and training."
-    )
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
 
-@dataclass
+@validated("serve", style=CONFIG, strict=True)
 class ServeConfig(_Section):
     """``speclora serve``: the HTTP server in front of one system."""
 
-    section: ClassVar[str] = "serve"
-
-    host: str = _opt(
+    host: _Text = _opt(
         "127.0.0.1",
-        _Str(),
         "Address to listen on; the default accepts connections from this machine only.",
     )
     port: int = _opt(
-        8080, _Int(0, 65535), "TCP port to listen on; 0 picks a free one (printed at start)."
+        8080,
+        "TCP port to listen on; 0 picks a free one (printed at start).",
+        ge=0,
+        le=65535,
     )
-    api_key: str | None = _opt(
+    api_key: _Text | None = _opt(
         None,
-        _Str(nullable=True),
         "When set, every /v1 request must carry 'Authorization: Bearer <api_key>'.",
     )
     queue_size: int = _opt(
         16,
-        _Int(0, _MAX_QUEUE_SIZE),
         "Requests that may wait while one generates; beyond it the server answers 429.",
+        ge=0,
+        le=_MAX_QUEUE_SIZE,
     )
     learn: bool = _opt(
         True,
-        _Bool(),
         "Learn from served requests: record them in detailed mode (unless a request "
         "asks for fast) and train in the background (training.auto). false serves "
         "with generation.mode and training.auto as configured.",
     )
-    model_name: str | None = _opt(
-        None,
-        _Str(nullable=True),
-        "Model id in /v1/models and responses; null = the target's name.",
+    model_name: _Text | None = _opt(
+        None, "Model id in /v1/models and responses; null = the target's name."
     )
 
 
@@ -736,7 +501,8 @@ class Config:
         default_factory=LoggingConfig, metadata={"help": "Logging and progress output."}
     )
     serve: ServeConfig = field(
-        default_factory=ServeConfig, metadata={"help": "The HTTP server (speclora serve)."}
+        default_factory=ServeConfig,
+        metadata={"help": "The HTTP server (speclora serve)."},
     )
 
     @classmethod
@@ -761,12 +527,12 @@ class Config:
             d = {}
         if not isinstance(d, Mapping):
             raise ValueError(
-                f"config must be a mapping of sections, got {_show(d, False)}"
+                f"config must be a mapping of sections, got {show(d, type_ok=False)}"
             )
         for name in d:
             if name not in _SECTIONS:
                 raise ValueError(
-                    _unknown(f"section '{name}'", str(name), list(_SECTIONS))
+                    unknown(f"section '{name}'", str(name), list(_SECTIONS))
                 )
         sections = {
             name: kind.from_dict(d.get(name), base_dir=base_dir)

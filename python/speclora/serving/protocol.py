@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from speclora.validation import HTTP, explain
+
 INT32_MAX = 2**31 - 1
 """Largest ``max_tokens``: positions in MLX are int32."""
 UINT64_MAX = 2**64 - 1
@@ -131,7 +133,12 @@ class _GenerationRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: Annotated[str | list[str] | None, AfterValidator(_stop_strings)] = None
+    stop: Annotated[str | list[str] | None, AfterValidator(_stop_strings)] = Field(
+        None,
+        json_schema_extra={
+            "expected": f"a string or a list of at most {MAX_STOP_STRINGS} strings"
+        },
+    )
     seed: int | None = Field(None, ge=0, le=UINT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -162,7 +169,11 @@ class _GenerationRequest(BaseModel):
 class CompletionRequest(_GenerationRequest):
     """``POST /v1/completions``: raw text (no chat template) or token ids."""
 
-    prompt: Annotated[str | list[int], AfterValidator(_token_ids)]
+    prompt: Annotated[str | list[int], AfterValidator(_token_ids)] = Field(
+        json_schema_extra={
+            "expected": "a non-empty string or a non-empty list of token ids"
+        }
+    )
 
 
 class TextPart(BaseModel):
@@ -176,7 +187,9 @@ class ChatMessage(BaseModel):
     model_config = _STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] = Field(
+        json_schema_extra={"expected": "a string or a list of text parts"}
+    )
     name: str | None = None
 
     def text(self) -> str:
@@ -216,67 +229,7 @@ class ChatCompletionRequest(_GenerationRequest):
         )
 
 
-_FIELDS = {
-    name
-    for model in (
-        CompletionRequest,
-        ChatCompletionRequest,
-        ChatMessage,
-        TextPart,
-        SpecloraOptions,
-        StreamOptions,
-    )
-    for name in model.model_fields
-}
-# What a field accepts, where pydantic would report one error per member of a union.
-_EXPECTED = {
-    "prompt": "a non-empty string or a non-empty list of token ids",
-    "stop": f"a string or a list of at most {MAX_STOP_STRINGS} strings",
-    "content": "a string or a list of text parts",
-}
-
 Request = TypeVar("Request", bound=BaseModel)
-
-
-def _param(loc: tuple[int | str, ...]) -> str:
-    """``("messages", 0, "str", "content")`` -> ``"messages[0].content"`` (union tags dropped)."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in _FIELDS:
-            out += f".{part}" if out else part
-    return out
-
-
-def _short(value: Any) -> str:
-    text = (
-        json.dumps(value)
-        if isinstance(value, (str, int, float, bool, type(None)))
-        else type(value).__name__
-    )
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _describe(errors: list[Any]) -> tuple[str, str]:
-    """One sentence for the first failing field (a union fails once per member)."""
-    first = errors[0]
-    param = _param(first["loc"])
-    if first["type"] == "extra_forbidden":
-        *parent, name = first["loc"]
-        param = f"{_param(tuple(parent))}.{name}" if parent else str(name)
-        return f"unknown field '{param}'", param
-    if first["type"] == "missing":
-        return f"missing field '{param}'", param
-    leaf = param.rsplit(".", 1)[-1].split("[", 1)[0]
-    same_field = [e for e in errors if _param(e["loc"]).startswith(param)]
-    if len(same_field) > 1 and leaf in _EXPECTED:
-        return f"{param} must be {_EXPECTED[leaf]}, got {_short(first['input'])}", param
-    if first["type"] == "value_error":
-        reason = str(first["ctx"]["error"])
-    else:
-        reason = first["msg"][0].lower() + first["msg"][1:]
-    return f"{param}: {reason}, got {_short(first['input'])}", param
 
 
 def _refuse_constant(name: str) -> Any:
@@ -309,7 +262,7 @@ def parse_body(raw: bytes, model: type[Request]) -> Request:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        message, param = _describe(e.errors(include_url=False))
+        message, param = explain(e, model, style=HTTP)
         raise APIError(400, message, param=param or None) from None
     except RecursionError:
         raise APIError(400, "the request body nests too deeply") from None
