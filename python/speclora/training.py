@@ -92,18 +92,14 @@ def _lora_modules(layer: nn.Module) -> list[tuple[str, LoRALinear]]:
 def _describe_lora(model: nn.Module, config: TrainingConfig) -> LoRASpec:
     """Describe LoRA layers already on ``model`` (e.g. an unfused adapter)."""
     layers = model.layers
-    keys: set[str] = set()
-    first = len(layers)
-    found: list[LoRALinear] = []
-    for i, layer in enumerate(layers):
-        mods = _lora_modules(layer)
-        if mods:
-            first = min(first, i)
-        for name, m in mods:
-            keys.add(name)
-            found.append(m)
-    if not found:
+    named = [
+        (i, n, m) for i, layer in enumerate(layers) for n, m in _lora_modules(layer)
+    ]
+    if not named:
         raise ValueError("The model's LoRA layers are outside model.layers")
+    first = named[0][0]
+    keys = {n for _, n, _ in named}
+    found = [m for _, _, m in named]
     rank = int(found[0].lora_a.shape[1])
     scale = float(found[0].scale)
     # nn.Dropout keeps only the keep probability, 1 - p.
@@ -460,7 +456,9 @@ class LoRATrainer:
         self.show_progress = show_progress
         fused = unfuse_adapter(model)
         if fused is not None:
-            logger.info("training continues from adapter %s, unfused", fused)
+            logger.info(
+                "training continues from adapter %s, unfused for training", fused
+            )
         self.lora = attach_lora(model, self.config)
         self.checkpoint_dir = Path(self.config.checkpoint_dir).expanduser()
 
