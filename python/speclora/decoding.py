@@ -9,6 +9,13 @@ models' caches are rolled back past what was rejected (trimmed, or for recurrent
 layers restored and re-advanced: see :class:`speclora.cache.CacheRewinder`). The
 only host synchronisation of the round is reading the op's result.
 
+Runs of plain target steps overlap like mlx-lm's ``generate_step``: when the policy
+expects the next round to be a plain step too, that step is built on the token not
+yet read and started (``mx.async_eval``) before the loop waits for the current one,
+so the host's work between two steps hides behind the models' compute. A step
+started ahead that turns out unwanted (a stop token, a switch back to proposing,
+the end of the generation) is rolled out of the target's cache unread.
+
 Fast and detailed decoding, and the mlx-lm compatible generator, all consume the
 :class:`Round` records this loop yields; nothing here knows who is listening.
 """
@@ -62,8 +69,12 @@ class Round:
     accepted: int  # n, 0 <= n <= K
     draft_tokens: list[int]  # [K]
     tokens: list[int]  # emitted: accepted drafts + the target's token, cut at a stop
-    next_token: int  # the target's token after the accepted drafts (correction or bonus)
-    draft_logits: mx.array  # [K, V]; zeros unless kept (see LoopOptions.keep_draft_logits)
+    next_token: (
+        int  # the target's token after the accepted drafts (correction or bonus)
+    )
+    draft_logits: (
+        mx.array
+    )  # [K, V]; zeros unless kept (see LoopOptions.keep_draft_logits)
     target_logits: mx.array  # [K + 1, V]
     raw_target_logits: mx.array  # [K + 1, V]
     stopped: bool  # a stop token ended the generation in this round
@@ -113,6 +124,10 @@ class LoopOptions:
     # Prompt lookup: shortest and longest suffix matched (see NgramProposer).
     ngram_min: int = 1
     ngram_max: int = 4
+    # Start a plain target step before reading the one before it, when the policy
+    # expects one (see the module docstring). Off while profiling, whose
+    # synchronisation after each phase leaves nothing to overlap.
+    overlap_plain_steps: bool = True
 
 
 def vocab_size(model: nn.Module) -> int:
@@ -121,10 +136,16 @@ def vocab_size(model: nn.Module) -> int:
     args = getattr(model, "args", None)
     text = getattr(args, "text_config", None)
     for holder in (args, text):
-        size = holder.get("vocab_size") if isinstance(holder, dict) else getattr(holder, "vocab_size", None)
+        size = (
+            holder.get("vocab_size")
+            if isinstance(holder, dict)
+            else getattr(holder, "vocab_size", None)
+        )
         if size:
             return int(size)
-    raise ValueError(f"cannot find the vocabulary size of {type(model).__name__} (no args.vocab_size)")
+    raise ValueError(
+        f"cannot find the vocabulary size of {type(model).__name__} (no args.vocab_size)"
+    )
 
 
 def host_ints(a: mx.array) -> list[int]:
@@ -133,7 +154,10 @@ def host_ints(a: mx.array) -> list[int]:
 
 
 def _prefill(
-    model: nn.Module, cache: list[Any], tokens: mx.array, quantization: KVQuantization | None
+    model: nn.Module,
+    cache: list[Any],
+    tokens: mx.array,
+    quantization: KVQuantization | None,
 ) -> None:
     """Feed ``tokens [S]`` into ``cache`` without keeping logits."""
     start = 0
@@ -157,7 +181,9 @@ def _draw(logits: mx.array, options: LoopOptions) -> mx.array:
         # sampler may draw one random number per call (mlx-lm's XTC does), and
         # positions sharing it would not follow the target's distribution.
         rows = logprobs.reshape(-1, logprobs.shape[-1])
-        drawn = mx.concatenate([options.sampler(rows[i : i + 1]).reshape(1) for i in range(rows.shape[0])])
+        drawn = mx.concatenate(
+            [options.sampler(rows[i : i + 1]).reshape(1) for i in range(rows.shape[0])]
+        )
         return drawn.reshape(logprobs.shape[:-1]).astype(mx.uint32)
     return sample(logits, options.sampling.temperature)
 
@@ -217,6 +243,83 @@ class _Processor:
         return logits
 
 
+def _room_for_one_more(quantization: KVQuantization | None, cache: list[Any]) -> bool:
+    """Whether one more token, fed and maybe dropped again, stays clear of the token
+    where KV quantization starts (the switch happens at the next round's start)."""
+    room = quantization.room(cache) if quantization is not None else None
+    return room is None or room >= 2
+
+
+@dataclass
+class _TargetPass:
+    """The target's part of a round, built lazily: its pass and the acceptance op."""
+
+    fed: (
+        mx.array
+    )  # [P + K] uint32: tokens the target had yet to see, then the proposals
+    raw: mx.array  # [K + 1, V] the target's logits at the proposals and one past them
+    logits: mx.array  # [K + 1, V] the same, processed
+    num_accepted: mx.array  # [1] int32
+    out: mx.array  # [1, K + 1] int32: accepted proposals, then the target's token
+
+
+class _Verifier:
+    """Builds the target's pass over a round's input and the acceptance op on it."""
+
+    def __init__(
+        self,
+        target: nn.Module,
+        cache: list[Any],
+        rewind: CacheRewinder,
+        process: _Processor,
+        options: LoopOptions,
+        temperature: float,
+    ) -> None:
+        self.target = target
+        self.cache = cache
+        self.rewind = rewind
+        self.process = process
+        self.options = options
+        self.temperature = temperature
+
+    def __call__(
+        self,
+        fed: mx.array,  # [P + K] uint32
+        d_tokens: mx.array,  # [K] uint32
+        d_logits: mx.array,  # [K, V] float
+        drafted: Sequence[mx.array],  # K lazy proposals (d_tokens' entries)
+        clock: _Clock,
+        *,
+        unread: Sequence[mx.array] = (),  # lazy tokens between the host history and fed
+    ) -> _TargetPass:
+        """The pass over ``fed`` (the last ``K`` of them proposed), lazily."""
+        options = self.options
+        k = d_tokens.size
+        self.rewind.reset()
+        self.rewind.checkpoint()
+        raw = self.target(fed[None], cache=self.cache)[0, -(k + 1) :]
+        if options.logits_processors or options.logits_filter is not None:
+            logits = mx.stack(
+                [self.process(raw[i], [*unread, *drafted[:i]]) for i in range(k + 1)]
+            )
+        else:
+            logits = raw
+        accept_logits = logits
+        if options.sampler is not None:
+            # Greedy acceptance on one-hot logits of the target's own samples.
+            accept_logits = _one_hot(_draw(logits, options), logits.shape[-1])
+        clock.mark("verify", accept_logits)
+        num_accepted, out = speculative_accept(
+            d_tokens.astype(mx.int32)[None],
+            d_logits[None],
+            accept_logits[None],
+            temperature=self.temperature,
+            validate=False,
+        )
+        clock.mark("accept", num_accepted, out)
+        return _TargetPass(fed, raw, logits, num_accepted, out)
+
+
 def speculative_rounds(
     target: nn.Module,
     draft: nn.Module,
@@ -267,7 +370,11 @@ def speculative_rounds(
         if quantization is not None:
             quantization.check(model, cache)
     # K never exceeds what every windowed layer can roll back.
-    limits = [x for x in (rollback_limit(target_cache), rollback_limit(draft_cache)) if x is not None]
+    limits = [
+        x
+        for x in (rollback_limit(target_cache), rollback_limit(draft_cache))
+        if x is not None
+    ]
     target_rewind = CacheRewinder(target, target_cache)
     draft_rewind = CacheRewinder(draft, draft_cache)
     # Greedy acceptance reads no draft distribution: the draft model's logits are
@@ -276,10 +383,28 @@ def speculative_rounds(
 
     history = list(prompt_tokens)
     process = _Processor(options, history)
+    verify = _Verifier(
+        target, target_cache, target_rewind, process, options, temperature
+    )
     lookup = (
         NgramProposer(history, min_n=options.ngram_min, max_n=options.ngram_max)
         if policy.uses_ngram
         else None
+    )
+    # Overlapping plain steps needs a policy that forecasts them and caches that
+    # can drop the one token of a step started in vain.
+    expects_plain_step: Callable[[Sequence[int]], bool] = getattr(
+        policy, "expects_plain_step", lambda matches: False
+    )
+    matches = (
+        range(options.ngram_min, options.ngram_max + 1)
+        if lookup is not None
+        else range(0)
+    )
+    overlap = (
+        options.overlap_plain_steps
+        and not options.profile
+        and min(limits, default=1) >= 1
     )
     prompt = mx.array(history, mx.uint32)
     _prefill(target, target_cache, prompt[:-1], quantization)
@@ -291,124 +416,147 @@ def speculative_rounds(
     draft_pending = history[-1:]
     produced = 0
     vocab = vocab_size(target)
+    no_tokens = mx.zeros((0,), mx.uint32)
+    # Shapes are known before evaluation, so this costs no work.
+    no_logits = mx.broadcast_to(mx.zeros((1, 1), mx.float32), (0, vocab))
+    # A plain step started on the last emitted token before it was read, unread
+    # itself: the target's cache holds that token already.
+    ahead: _TargetPass | None = None
 
-    while produced < max_tokens:
-        clock = _Clock(options.profile)
-        cap = max(0, min([max_tokens - produced - 1, *limits]))
-        if quantization is not None:
-            quantization.apply(target_cache)
-            quantization.apply(draft_cache)
-            # One target call must not cross the token where quantization starts.
-            room = quantization.room(target_cache)
-            if room is not None:
-                cap = min(cap, room - len(target_pending))
-        proposal = lookup.propose(min(cap, MAX_PROPOSAL)) if lookup is not None else NO_PROPOSAL
-        plan = policy.plan(proposal)
-        k = min(plan.k, cap)
-        if plan.proposer == NGRAM:
-            k = min(k, len(proposal.tokens))
-        proposer = plan.proposer if k > 0 else NONE
-        clock.mark("bookkeeping")
+    try:
+        while produced < max_tokens:
+            clock = _Clock(options.profile)
+            cap = max(0, min([max_tokens - produced - 1, *limits]))
+            if quantization is not None:
+                quantization.apply(target_cache)
+                quantization.apply(draft_cache)
+                # One target call must not cross the token where quantization starts.
+                room = quantization.room(target_cache)
+                if room is not None:
+                    cap = min(cap, room - len(target_pending))
+            proposal = (
+                lookup.propose(min(cap, MAX_PROPOSAL))
+                if lookup is not None
+                else NO_PROPOSAL
+            )
+            plan = policy.plan(proposal)
+            k = min(plan.k, cap)
+            if plan.proposer == NGRAM:
+                k = min(k, len(proposal.tokens))
+            proposer = plan.proposer if k > 0 else NONE
+            if ahead is not None and proposer != NONE:
+                target_rewind.rewind(ahead.fed, 0)
+                ahead = None
+            clock.mark("bookkeeping")
 
-        drafted: list[mx.array] = []
-        draft_logits: list[mx.array] = []
-        # A draft catching up on many tokens makes a round no policy could price.
-        typical = proposer != DRAFT or len(draft_pending) <= 2
-        if proposer == DRAFT:
-            if len(draft_pending) > DRAFT_CATCH_UP:
-                _prefill(draft, draft_cache, mx.array(draft_pending[:-1], mx.uint32), quantization)
-                draft_pending = draft_pending[-1:]
-            y = mx.array(draft_pending, mx.uint32)
-            draft_rewind.reset()
-            for _ in range(k):
-                draft_rewind.checkpoint()
-                logits = process(draft(y[None], cache=draft_cache)[0, -1], drafted)
-                token = _draw(logits, options)
-                mx.async_eval(token)
-                drafted.append(token)
-                if keep_draft_logits:
-                    draft_logits.append(logits)
-                y = token.reshape(1)
-            d_tokens = mx.stack(drafted)
-        elif proposer == NGRAM:
-            d_tokens = mx.array(proposal.tokens[:k], mx.uint32)
-            drafted = [d_tokens[i] for i in range(k)]
-        else:
-            d_tokens = mx.zeros((0,), mx.uint32)
-        if draft_logits:
-            d_logits = mx.stack(draft_logits)
-        elif proposer == NGRAM and temperature > 0:
-            d_logits = _point_mass_logits(d_tokens, vocab)
-        else:
-            # Shapes are known before evaluation, so this costs no work.
-            d_logits = mx.broadcast_to(mx.zeros((1, 1), mx.float32), (k, vocab))
-        clock.mark("draft", d_tokens, d_logits)
+            drafted: list[mx.array] = []
+            draft_logits: list[mx.array] = []
+            # A draft catching up on many tokens makes a round no policy could price.
+            typical = proposer != DRAFT or len(draft_pending) <= 2
+            if proposer == DRAFT:
+                if len(draft_pending) > DRAFT_CATCH_UP:
+                    _prefill(
+                        draft,
+                        draft_cache,
+                        mx.array(draft_pending[:-1], mx.uint32),
+                        quantization,
+                    )
+                    draft_pending = draft_pending[-1:]
+                y = mx.array(draft_pending, mx.uint32)
+                draft_rewind.reset()
+                for _ in range(k):
+                    draft_rewind.checkpoint()
+                    logits = process(draft(y[None], cache=draft_cache)[0, -1], drafted)
+                    token = _draw(logits, options)
+                    mx.async_eval(token)
+                    drafted.append(token)
+                    if keep_draft_logits:
+                        draft_logits.append(logits)
+                    y = token.reshape(1)
+                d_tokens = mx.stack(drafted)
+            elif proposer == NGRAM:
+                d_tokens = mx.array(proposal.tokens[:k], mx.uint32)
+                drafted = [d_tokens[i] for i in range(k)]
+            else:
+                d_tokens = no_tokens
+            if draft_logits:
+                d_logits = mx.stack(draft_logits)
+            elif proposer == NGRAM and temperature > 0:
+                d_logits = _point_mass_logits(d_tokens, vocab)
+            else:
+                d_logits = mx.broadcast_to(mx.zeros((1, 1), mx.float32), (k, vocab))
+            clock.mark("draft", d_tokens, d_logits)
 
-        verify_in = mx.concatenate([mx.array(target_pending, mx.uint32), d_tokens])
-        target_rewind.reset()
-        target_rewind.checkpoint()
-        raw = target(verify_in[None], cache=target_cache)[0, -(k + 1) :]
-        if options.logits_processors or options.logits_filter is not None:
-            t_logits = mx.stack([process(raw[i], drafted[:i]) for i in range(k + 1)])
-        else:
-            t_logits = raw
-        accept_logits = t_logits
-        if options.sampler is not None:
-            # Greedy acceptance on one-hot logits of the target's own samples.
-            accept_logits = _one_hot(_draw(t_logits, options), t_logits.shape[-1])
-        clock.mark("verify", accept_logits)
-        num_accepted, out = speculative_accept(
-            d_tokens.astype(mx.int32)[None],
-            d_logits[None],
-            accept_logits[None],
-            temperature=temperature,
-            validate=False,
-        )
-        clock.mark("accept", num_accepted, out)
-        mx.eval(num_accepted, out, d_tokens)
-        n = cast(int, num_accepted.item())
-        emitted = host_ints(out[0, : n + 1])
-        draft_list = host_ints(d_tokens)
-        clock.mark("sync")
+            if ahead is not None:
+                step, ahead = ahead, None
+            else:
+                fed = mx.concatenate([mx.array(target_pending, mx.uint32), d_tokens])
+                step = verify(fed, d_tokens, d_logits, drafted, clock)
+            if (
+                overlap
+                and proposer == NONE
+                and produced + 1 < max_tokens
+                and _room_for_one_more(quantization, target_cache)
+                and expects_plain_step(matches)
+            ):
+                # The next plain step, on this step's token before it is read.
+                token = step.out[0, :1].astype(mx.uint32)
+                ahead = verify(
+                    token, no_tokens, no_logits, (), _Clock(False), unread=[token]
+                )
+                mx.async_eval(ahead.num_accepted, ahead.out)
+            mx.eval(step.num_accepted, step.out, d_tokens)
+            n = cast(int, step.num_accepted.item())
+            emitted = host_ints(step.out[0, : n + 1])
+            draft_list = host_ints(d_tokens)
+            clock.mark("sync")
 
-        target_rewind.rewind(verify_in, len(target_pending) + n)
-        if proposer != DRAFT:
-            draft_pending = draft_pending + emitted
-        elif n == k:
-            draft_pending = [draft_list[-1], emitted[-1]]
-        else:
-            # The draft saw d_1 .. d_{k-1}; back to the checkpoint after d_n.
-            draft_rewind.rewind(d_tokens[n : k - 1], 0, since=n + 1)
-            draft_pending = emitted[-1:]
-        target_pending = emitted[-1:]
-        clock.mark("rollback", *([c.state for c in target_cache] if target_rewind.recurrent else []))
-        seconds = time.perf_counter() - clock.start if typical else None
-        policy.update(Plan(proposer, k), n, seconds=seconds)
+            target_rewind.rewind(step.fed, len(target_pending) + n)
+            if proposer != DRAFT:
+                draft_pending = draft_pending + emitted
+            elif n == k:
+                draft_pending = [draft_list[-1], emitted[-1]]
+            else:
+                # The draft saw d_1 .. d_{k-1}; back to the checkpoint after d_n.
+                draft_rewind.rewind(d_tokens[n : k - 1], 0, since=n + 1)
+                draft_pending = emitted[-1:]
+            target_pending = emitted[-1:]
+            clock.mark(
+                "rollback",
+                *([c.state for c in target_cache] if target_rewind.recurrent else []),
+            )
+            seconds = time.perf_counter() - clock.start if typical else None
+            policy.update(Plan(proposer, k), n, seconds=seconds)
 
-        next_token = emitted[-1]
-        stopped = False
-        for i, emitted_token in enumerate(emitted):
-            if emitted_token in options.stop_tokens:
-                emitted, stopped = emitted[:i], True
-                break
-        history.extend(emitted)
-        if lookup is not None:
-            lookup.extend(emitted)
-        yield Round(
-            position=produced,
-            proposer=proposer,
-            drafted=k,
-            accepted=n,
-            draft_tokens=draft_list,
-            tokens=emitted,
-            next_token=next_token,
-            draft_logits=d_logits,
-            target_logits=t_logits,
-            raw_target_logits=raw,
-            stopped=stopped,
-            seconds=clock.done(),
-            timings=clock.timings,
-        )
-        produced += len(emitted)
-        if stopped:
-            return
+            next_token = emitted[-1]
+            stopped = False
+            for i, emitted_token in enumerate(emitted):
+                if emitted_token in options.stop_tokens:
+                    emitted, stopped = emitted[:i], True
+                    break
+            history.extend(emitted)
+            if lookup is not None:
+                lookup.extend(emitted)
+            yield Round(
+                position=produced,
+                proposer=proposer,
+                drafted=k,
+                accepted=n,
+                draft_tokens=draft_list,
+                tokens=emitted,
+                next_token=next_token,
+                draft_logits=d_logits,
+                target_logits=step.logits,
+                raw_target_logits=step.raw,
+                stopped=stopped,
+                seconds=clock.done(),
+                timings=clock.timings,
+            )
+            produced += len(emitted)
+            if stopped:
+                return
+    finally:
+        # A step started past the end (a stop token, a closed generator) leaves
+        # the caches as if it had never been started.
+        if ahead is not None:
+            target_rewind.rewind(ahead.fed, 0)

@@ -86,7 +86,9 @@ class RoundCost:
         """A round proposing ``k`` tokens with ``proposer``."""
         return self.verify_cost(k) + (k * self.draft_step if proposer == DRAFT else 0.0)
 
-    def speedup_bound(self, acceptance: float | Sequence[float], k: int, proposer: str = DRAFT) -> float:
+    def speedup_bound(
+        self, acceptance: float | Sequence[float], k: int, proposer: str = DRAFT
+    ) -> float:
         """Leviathan's expected speedup over the target alone for this ``k``."""
         return expected_tokens(acceptance, k) / self.of(k, proposer)
 
@@ -104,13 +106,22 @@ class DraftLengthPolicy(Protocol):
 
     ``uses_ngram`` tells the decode loop whether to keep a prompt-lookup index and
     pass its proposal to :meth:`plan`.
+
+    A policy may also have ``expects_plain_step(matches) -> bool``: whether the next
+    :meth:`plan` will be a plain target step whatever prompt lookup proposes then,
+    its matched suffix being one of the lengths ``matches`` (asked before
+    :meth:`update` of the current round). The decode loop then starts
+    that step before it reads the token the step follows; a wrong forecast costs the
+    step, never the output.
     """
 
     uses_ngram: bool
 
     def plan(self, ngram: NgramProposal) -> Plan: ...
 
-    def update(self, plan: Plan, accepted: int, seconds: float | None = None) -> None: ...
+    def update(
+        self, plan: Plan, accepted: int, seconds: float | None = None
+    ) -> None: ...
 
 
 @dataclass
@@ -122,6 +133,9 @@ class FixedDraftLength:
 
     def plan(self, ngram: NgramProposal = NO_PROPOSAL) -> Plan:
         return Plan(DRAFT, self.k) if self.k else Plan(NONE, 0)
+
+    def expects_plain_step(self, matches: Sequence[int] = ()) -> bool:
+        return self.k == 0
 
     def update(self, plan: Plan, accepted: int, seconds: float | None = None) -> None:
         return None
@@ -154,7 +168,11 @@ class PositionAcceptance:
         out: list[float] = []
         previous = self.prior if prior is None else prior
         for i in range(k):
-            acc, seen = (self._accepted[i], self._seen[i]) if i < len(self._seen) else (0.0, 0.0)
+            acc, seen = (
+                (self._accepted[i], self._seen[i])
+                if i < len(self._seen)
+                else (0.0, 0.0)
+            )
             previous = (acc + self.prior_weight * previous) / (seen + self.prior_weight)
             out.append(previous)
         return out
@@ -215,8 +233,17 @@ class RoundTimeModel:
     ) -> None:
         unit = cost.target_step_s or 1.0
         v1 = cost.verify_cost(1)
-        slope = (cost.verify_cost(max_k) - v1) / (max_k - 1) if max_k > 1 else cost.verify_extra
-        self.prior = [unit, (v1 - 1.0 - slope) * unit, slope * unit, cost.draft_step * unit]
+        slope = (
+            (cost.verify_cost(max_k) - v1) / (max_k - 1)
+            if max_k > 1
+            else cost.verify_extra
+        )
+        self.prior = [
+            unit,
+            (v1 - 1.0 - slope) * unit,
+            slope * unit,
+            cost.draft_step * unit,
+        ]
         k2 = self.TYPICAL_K**2
         self._pull = [prior_rounds * w for w in (1.0, 1.0, k2, k2)]  # a diagonal
         self._gram = [[0.0] * 4 for _ in range(4)]
@@ -253,7 +280,10 @@ class RoundTimeModel:
         if self._pending >= self.refit_every:
             self._pending = 0
             self.theta = _solve(
-                [[g + (self._pull[i] if i == j else 0.0) for j, g in enumerate(row)] for i, row in enumerate(self._gram)],
+                [
+                    [g + (self._pull[i] if i == j else 0.0) for j, g in enumerate(row)]
+                    for i, row in enumerate(self._gram)
+                ],
                 [m + self._pull[i] * self.prior[i] for i, m in enumerate(self._moment)],
             )
 
@@ -365,7 +395,9 @@ class AdaptiveDraftLength:
         return best
 
     def plan(self, ngram: NgramProposal = NO_PROPOSAL) -> Plan:
-        draft_value, draft_k = self._best(DRAFT, self._rates(DRAFT).rates(self.max_k), max(1, self.min_k))
+        draft_value, draft_k = self._best(
+            DRAFT, self._rates(DRAFT).rates(self.max_k), max(1, self.min_k)
+        )
         choices = [(draft_value, Plan(DRAFT, draft_k))]
         if self.min_k == 0:
             choices.append((1.0 / self.time.seconds(0, NONE), Plan(NONE, 0)))
@@ -373,7 +405,9 @@ class AdaptiveDraftLength:
         if available[NGRAM]:
             # A matched length seldom seen borrows from prompt lookup as a whole.
             overall = self._rates(NGRAM).rates(1)[0]
-            rates = self._rates(NGRAM, ngram.match).rates(min(len(ngram.tokens), self.max_k), overall)
+            rates = self._rates(NGRAM, ngram.match).rates(
+                min(len(ngram.tokens), self.max_k), overall
+            )
             value, k = self._best(NGRAM, rates, 1)
             choices.append((value, Plan(NGRAM, k)))
         chosen = max(choices, key=lambda c: c[0])[1]
@@ -388,11 +422,48 @@ class AdaptiveDraftLength:
                 # A probe; the next one comes later unless what it taught (its
                 # acceptance, its cost) gets the proposer chosen.
                 self._idle[proposer] = 0
-                self._interval[proposer] = min(2 * self._interval[proposer], self.MAX_PROBE_INTERVAL)
+                self._interval[proposer] = min(
+                    2 * self._interval[proposer], self.MAX_PROBE_INTERVAL
+                )
                 chosen = Plan(proposer, 1)
                 break
         self._match = ngram.match
         return chosen
+
+    def expects_plain_step(self, matches: Sequence[int] = ()) -> bool:
+        """Whether the next :meth:`plan` is a plain target step whatever prompt lookup
+        proposes: no probe is due, and neither the draft model nor prompt lookup,
+        with the rates of any matched length in ``matches``, beats a plain step.
+
+        Args:
+            matches (Sequence[int]): The suffix lengths prompt lookup may match.
+              Default: ``()`` (no lookup).
+        """
+        if self.min_k > 0:
+            return False
+        lookup = self.uses_ngram and len(matches) > 0
+        for proposer in PROPOSERS:
+            if self._idle[proposer] + 1 >= self._interval[proposer] and (
+                proposer == DRAFT or lookup
+            ):
+                return False
+        plain = 1.0 / self.time.seconds(0, NONE)
+        if self._best(DRAFT, self._rates(DRAFT).rates(self.max_k), 1)[0] >= plain:
+            return False
+        if not lookup:
+            return True
+        overall = self._rates(NGRAM).rates(1)[0]
+        for match in matches:
+            seen = self._acceptance.get((NGRAM, match))
+            # A matched length not seen yet has prompt lookup's overall rate everywhere.
+            rates = (
+                seen.rates(self.max_k, overall)
+                if seen is not None
+                else [overall] * self.max_k
+            )
+            if self._best(NGRAM, rates, 1)[0] >= plain:
+                return False
+        return True
 
     def update(self, plan: Plan, accepted: int, seconds: float | None = None) -> None:
         if seconds is not None:
@@ -430,7 +501,9 @@ def measure_round_cost(
     from speclora.decoding import vocab_size
 
     vocab = vocab_size(target)
-    prompt = mx.random.randint(0, vocab, (1, context), key=mx.random.key(0)).astype(mx.uint32)
+    prompt = mx.random.randint(0, vocab, (1, context), key=mx.random.key(0)).astype(
+        mx.uint32
+    )
     runs = [(draft, 1)] + [(target, k + 1) for k in range(max_k + 1)]
     caches = {id(m): make_prompt_cache(m) for m in (target, draft)}
     for m in (target, draft):
