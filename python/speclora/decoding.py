@@ -506,8 +506,10 @@ def speculative_rounds(
                 )
                 mx.async_eval(ahead.num_accepted, ahead.out)
             mx.eval(step.num_accepted, step.out, d_tokens)
+            # Read on the host as evaluated: an indexing op would queue behind the
+            # step started ahead and wait for it.
             n = cast(int, step.num_accepted.item())
-            emitted = host_ints(step.out[0, : n + 1])
+            emitted = cast(list[list[int]], step.out.tolist())[0][: n + 1]
             draft_list = host_ints(d_tokens)
             clock.mark("sync")
 
