@@ -30,7 +30,7 @@ def system(tiny_model_dir: Any, tmp_path: Path) -> SpeculativeDecodingSystem:
 
 
 def test_every_entry_point_refuses_past_the_window_with_one_message(system: SpeculativeDecodingSystem) -> None:
-    fast = system.fast_decoder
+    fast = system.decoder
     assert fast is not None
     prompt = fast.encode_prompt("Hello")
     fits = WINDOW - len(prompt)
@@ -64,12 +64,12 @@ def test_shipped_pair_runs_the_references_long_example_past_its_training_length(
     config["training"]["checkpoint_dir"] = str(tmp_path / "checkpoints")
     system = SpeculativeDecodingSystem(config)
     system.initialize()
-    assert system.manager is not None and system.fast_decoder is not None
-    prompt = system.fast_decoder.encode_prompt("Explain Python in detail.")
+    assert system.manager is not None
+    prompt = system.decoder.encode_prompt("Explain Python in detail.")
     system.manager.check_fits(len(prompt), 1024)  # no MemoryError
     n = 320 - len(prompt)  # well past the 256 positions trained on
     result = system.generate_result("Explain Python in detail.", mode="detailed", max_tokens=n)
-    target = system.fast_decoder.target_model
+    target = system.decoder.target_model
     reference = [int(t) for t, _ in generate_step(mx.array(prompt, mx.uint32), target, max_tokens=n)]
     assert result.tokens == reference[: len(result.tokens)]
     assert len(prompt) + len(result.tokens) > 256 or result.finish_reason == "stop"

@@ -20,8 +20,7 @@ MAX_TOKENS = 48
 def acceptance(system: SpeculativeDecodingSystem, prompts: list[str]) -> float:
     """Accepted / drafted over ``prompts`` at T=0 with K fixed at 3, so that the
     draft length policy cannot move the figure; the draft is the system's."""
-    fast = system.fast_decoder
-    assert fast is not None
+    fast = system.decoder
     decoder = SpeculativeDecoder(fast.target_model, fast.draft_model, fast.tokenizer, 3, 0.0)
     drafted = accepted = 0
     for prompt in prompts:

@@ -74,8 +74,7 @@ def test_quantize_bits_quantizes_both_models_at_load(tiny_model_dir: Any, tmp_pa
     config["models"].update(quantize_bits=bits, quantize_group_size=32)
     system = SpeculativeDecodingSystem(config)
     system.initialize()
-    assert system.fast_decoder is not None
-    for model in (system.fast_decoder.target_model, system.fast_decoder.draft_model):
+    for model in (system.decoder.target_model, system.decoder.draft_model):
         assert isinstance(model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
     # Reference: mlx-lm's own quantization of the target, in float32 as computed here.
     reference, _ = mlx_lm.load(str(tiny_model_dir.target))
@@ -98,8 +97,7 @@ def test_qlora_adapter_is_what_mlx_lm_applies_to_the_quantized_draft(
     config["models"]["draft"] = str(quantized_dirs["draft4"])
     system = SpeculativeDecodingSystem(config)
     system.initialize()
-    assert system.fast_decoder is not None
-    draft = system.fast_decoder.draft_model
+    draft = system.decoder.draft_model
     base = mlx_lm.load(str(quantized_dirs["draft4"]))[0]
     assert mx.array_equal(draft(PROBE), base(PROBE)).item()
     for prompt in PROMPTS:

@@ -857,7 +857,7 @@ def test_an_internal_failure_is_500_and_the_server_goes_on(
     port = sock.getsockname()[1]
     try:
         wait_for("uvicorn", lambda: server.started)
-        decoder = worker.system.fast_decoder
+        decoder = worker.system.decoder
         real = decoder.stream
 
         def broken(*args: Any, **kwargs: Any) -> Iterator[Any]:

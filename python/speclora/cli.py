@@ -127,13 +127,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from speclora.bench import format_table, load_prompt_sets, run_benchmark, write_report
     from speclora.models import ModelManager
-    from speclora.speculative import SpeculativeDecoder
+    from speclora.decoding import vocab_size
+    from speclora.tokenizing import encode_prompt
 
     cfg = _config(args.config)
     manager = ModelManager(cfg)
     target, draft = manager.load_models()
-    encoder = SpeculativeDecoder(target, draft, manager.tokenizer, 1, 0.0)
-    sets = load_prompt_sets(encoder.encode_prompt, list(dict.fromkeys(args.domain)), args.prompts)
+    vocab = vocab_size(target)
+    sets = load_prompt_sets(
+        lambda p: encode_prompt(manager.tokenizer, p, vocab),
+        list(dict.fromkeys(args.domain)),
+        args.prompts,
+    )
     g = cfg["generation"]
     report = run_benchmark(
         target,

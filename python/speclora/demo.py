@@ -107,8 +107,7 @@ def run_demo(config: dict[str, Any] | None, options: DemoOptions) -> list[DemoRo
     cfg["logging"]["show_progress"] = options.show_progress
     system = SpeculativeDecodingSystem(cfg)
     system.initialize()
-    assert system.fast_decoder is not None
-    fast = system.fast_decoder
+    fast = system.decoder
     measure = SpeculativeDecoder(
         fast.target_model, fast.draft_model, fast.tokenizer, MEASURE_K, 0.0,
         use_chat_template=fast.use_chat_template,

@@ -28,7 +28,6 @@ from speclora.training import check_overrides
 from speclora.data_collector import DataCollector, TrainingExample, pair_fingerprint
 from speclora.models import ModelManager
 from speclora.results import GenerationResult, StreamChunk
-from speclora.speculative import SpeculativeDecoder
 from speclora.speculative_manual import ManualSpeculativeDecoder
 from speclora.tracker import AcceptanceTracker
 
@@ -52,7 +51,6 @@ class SpeculativeDecodingSystem:
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = Config.from_dict(config)
         self.manager: ModelManager | None = None
-        self.fast_decoder: SpeculativeDecoder | None = None
         self._decoder: ManualSpeculativeDecoder | None = None
         self.collector: DataCollector | None = None
         self.tracker = AcceptanceTracker(self.config.collection.tracker_window)
@@ -94,7 +92,13 @@ class SpeculativeDecodingSystem:
             manager = ModelManager(self.config)
             target, draft = manager.load_models()
             g = self.config.generation
-            options: dict[str, Any] = dict(
+            # One decoder for both modes: detailed generations ask it to record.
+            self._decoder = ManualSpeculativeDecoder(
+                target,
+                draft,
+                manager.tokenizer,
+                g.num_draft_tokens,
+                g.temperature,
                 top_p=g.top_p,
                 top_k=g.top_k,
                 min_p=g.min_p,
@@ -104,18 +108,7 @@ class SpeculativeDecodingSystem:
                 use_chat_template=g.use_chat_template,
                 stop_tokens=self._stop_token_ids(manager.tokenizer, g.stop_tokens),
                 max_kv_size=g.max_kv_size,
-            )
-            self.fast_decoder = SpeculativeDecoder(
-                target, draft, manager.tokenizer, g.num_draft_tokens, g.temperature, **options
-            )
-            self._decoder = ManualSpeculativeDecoder(
-                target,
-                draft,
-                manager.tokenizer,
-                g.num_draft_tokens,
-                g.temperature,
                 top_k_logprobs=self.config.collection.top_k_logprobs,
-                **options,
             )
             c = self.config.collection
             # Examples are kept per tokenizer: another pair's token ids are meaningless here.
@@ -146,7 +139,8 @@ class SpeculativeDecodingSystem:
 
     @property
     def decoder(self) -> ManualSpeculativeDecoder:
-        """The detailed-mode decoder (records disagreements)."""
+        """The system's decoder: records disagreements unless called with
+        ``record=False`` (fast mode)."""
         self._require_initialized()
         assert self._decoder is not None
         return self._decoder
@@ -265,8 +259,8 @@ class SpeculativeDecodingSystem:
             isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64
         ):
             raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-        decoder = self.decoder if mode == "detailed" else self.fast_decoder
-        assert decoder is not None and self.manager is not None
+        decoder = self.decoder
+        assert self.manager is not None
         if isinstance(prompt, str):
             self.manager.check_prompt_length(prompt)
         prompt_tokens = decoder.encode_prompt(prompt)
@@ -283,6 +277,7 @@ class SpeculativeDecodingSystem:
                 temperature=temperature,
                 seed=g.seed if seed is None else seed,
                 top_p=top_p,
+                record=mode == "detailed",
             )
             try:
                 while True:
@@ -442,8 +437,8 @@ class SpeculativeDecodingSystem:
         return dict(self._training_stats)
 
     def _serving_weights(self) -> Mapping[str, Any] | None:
-        assert self.manager is not None and self.fast_decoder is not None
-        loaded = self.manager.loaded_adapter(self.fast_decoder.draft_model)
+        assert self.manager is not None
+        loaded = self.manager.loaded_adapter(self.decoder.draft_model)
         return loaded[1] if loaded else None
 
     def _start_training(self, num_epochs: int | None, learning_rate: float | None) -> None:
@@ -567,8 +562,8 @@ class SpeculativeDecodingSystem:
             logger.warning("keeping the current adapter: the active one cannot be loaded: %s", e)
 
     def _swap_adapter(self, path: Path) -> None:
-        assert self.manager is not None and self.fast_decoder is not None
-        draft = self.fast_decoder.draft_model
+        assert self.manager is not None
+        draft = self.decoder.draft_model
         self.manager.load_lora_adapter(draft, str(path), fuse=True)
         loaded = self.manager.loaded_adapter(draft)
         self._adapter_path = loaded[0] if loaded else None
@@ -584,9 +579,9 @@ class SpeculativeDecodingSystem:
             bool: ``True`` if an adapter was unloaded, ``False`` if none was loaded.
         """
         self._require_initialized()
-        assert self.manager is not None and self.fast_decoder is not None
+        assert self.manager is not None
         with self._exclusive("unload_adapter"):
-            unloaded = self.manager.unload_lora_adapter(self.fast_decoder.draft_model)
+            unloaded = self.manager.unload_lora_adapter(self.decoder.draft_model)
             self._adapter_path = None
             self._follow_active_adapter = False
             if unloaded:
@@ -596,8 +591,8 @@ class SpeculativeDecodingSystem:
     def get_adapter_info(self) -> dict[str, Any]:
         """``loaded``, ``path``, ``rank``, ``alpha``, ``target_modules`` of the draft's adapter."""
         self._require_initialized()
-        assert self.manager is not None and self.fast_decoder is not None
-        return self.manager.adapter_info(self.fast_decoder.draft_model)
+        assert self.manager is not None
+        return self.manager.adapter_info(self.decoder.draft_model)
 
     # -- statistics ----------------------------------------------------------------
 

@@ -8,8 +8,8 @@ only changes how fast they come.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Generator, Iterable
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,13 +24,10 @@ from speclora.drafting import (
     measure_round_cost,
 )
 from speclora.models import check_context, context_window
+from speclora.recording import DisagreementRecorder
 from speclora.results import GenerationResult, RoundStats
 from speclora.sampling import SamplingParams, make_logits_filter
-
-if TYPE_CHECKING:
-    from speclora.speculative_manual import DisagreementRecorder
-
-Prompt = str | Sequence[int]
+from speclora.tokenizing import Prompt, encode_prompt
 
 
 class SpeculativeDecoder:
@@ -72,6 +69,13 @@ class SpeculativeDecoder:
           Default: ``5000``.
         profile (bool): Time each phase of every round apart (a synchronisation
           per phase; see :data:`speclora.decoding.PHASES`). Default: ``False``.
+        record_disagreements (bool): Record every rejected draft token in
+          ``result.disagreements`` (detailed mode) unless a call says otherwise.
+          Recording rounds always draft with the draft model, whose rejections are
+          what is recorded: adaptive drafting then chooses ``K >= 1``, never a
+          plain target step or prompt lookup. Default: ``False``.
+        top_k_logprobs (int): Target log-probabilities kept per disagreement.
+          Default: ``20``.
     """
 
     def __init__(
@@ -96,6 +100,8 @@ class SpeculativeDecoder:
         kv_group_size: int = 64,
         quantized_kv_start: int = 5000,
         profile: bool = False,
+        record_disagreements: bool = False,
+        top_k_logprobs: int = 20,
     ) -> None:
         if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int):
             raise ValueError(f"num_draft_tokens must be an integer, got {num_draft_tokens!r}")
@@ -103,7 +109,17 @@ class SpeculativeDecoder:
         if not 0 <= num_draft_tokens <= DEFAULT_HEADROOM:
             raise ValueError(f"num_draft_tokens must be in [0, {DEFAULT_HEADROOM}], got {num_draft_tokens}")
         if adaptive_draft and not 1 <= max_draft_tokens <= DEFAULT_HEADROOM:
-            raise ValueError(f"max_draft_tokens must be in [1, {DEFAULT_HEADROOM}], got {max_draft_tokens}")
+            raise ValueError(
+                f"max_draft_tokens must be in [1, {DEFAULT_HEADROOM}], got {max_draft_tokens}"
+            )
+        if (
+            isinstance(top_k_logprobs, bool)
+            or not isinstance(top_k_logprobs, int)
+            or top_k_logprobs < 1
+        ):
+            raise ValueError(
+                f"top_k_logprobs must be an integer >= 1, got {top_k_logprobs!r}"
+            )
         if max_kv_size is not None and max_kv_size <= SINK_TOKENS:
             raise ValueError(f"max_kv_size must be > {SINK_TOKENS} or None, got {max_kv_size}")
         self.kv_quantization = (
@@ -122,63 +138,50 @@ class SpeculativeDecoder:
         self.stop_tokens = frozenset(tokenizer.eos_token_ids) | frozenset(stop_tokens or ())
         self.max_kv_size = max_kv_size
         self.profile = profile
-        self._policies: dict[float, DraftLengthPolicy] = {}
+        self.record_disagreements = record_disagreements
+        self.top_k_logprobs = top_k_logprobs
+        self._policies: dict[tuple[float, bool], DraftLengthPolicy] = {}
 
     @property
     def vocab_size(self) -> int:
         return vocab_size(self.target_model)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Token ids for ``prompt`` (a string, or token ids passed through)."""
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise ValueError("prompt is empty or whitespace only")
-            try:
-                if self.use_chat_template and getattr(self.tokenizer, "has_chat_template", False):
-                    messages = [{"role": "user", "content": prompt}]
-                    return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-                bos = getattr(self.tokenizer, "bos_token", None)
-                # mlx-lm's rule: add special tokens unless the text already starts with BOS.
-                add_special = bos is None or not prompt.startswith(bos)
-                return list(self.tokenizer.encode(prompt, add_special_tokens=add_special))
-            except (TypeError, ValueError, UnicodeError) as e:
-                # e.g. a lone surrogate, which no UTF-8 tokenizer can encode
-                raise ValueError(f"prompt cannot be tokenized ({type(e).__name__}: {e})") from e
-        if isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
-            tokens = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
-            if not tokens:
-                raise ValueError("prompt has no tokens")
-            bad = [t for t in tokens if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(
-                    f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}"
-                )
-            return tokens
-        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        """Token ids for ``prompt`` (a string, or token ids passed through); see
+        :func:`speclora.tokenizing.encode_prompt`."""
+        return encode_prompt(
+            self.tokenizer,
+            prompt,
+            self.vocab_size,
+            use_chat_template=self.use_chat_template,
+        )
 
-    def draft_policy(self, temperature: float | None = None) -> DraftLengthPolicy:
+    def draft_policy(
+        self, temperature: float | None = None, record: bool | None = None
+    ) -> DraftLengthPolicy:
         """The policy choosing each round's proposal at ``temperature`` (default:
-        the decoder's). Adaptive state persists across calls, one per temperature:
-        how often proposals are accepted depends on it."""
+        the decoder's), for recording or plain generations (default: the
+        decoder's ``record_disagreements``). Adaptive state persists across calls,
+        one per temperature and kind: how often proposals are accepted depends on
+        the temperature, and recording rounds never skip the draft model."""
         t = self.sampling.temperature if temperature is None else temperature
-        if t not in self._policies:
+        record = self.record_disagreements if record is None else record
+        key = (t, record)
+        if key not in self._policies:
             if self.adaptive_draft:
                 if self.round_cost is None:
                     self.round_cost = measure_round_cost(
                         self.target_model, self.draft_model, max_k=self.max_draft_tokens
                     )
-                self._policies[t] = self._adaptive_policy(self.round_cost)
+                self._policies[key] = AdaptiveDraftLength(
+                    self.round_cost,
+                    max_k=self.max_draft_tokens,
+                    min_k=1 if record else 0,
+                    ngram=self.ngram_proposer and not record,
+                )
             else:
-                self._policies[t] = FixedDraftLength(self.num_draft_tokens)
-        return self._policies[t]
-
-    def _adaptive_policy(self, cost: RoundCost) -> DraftLengthPolicy:
-        """Fast mode weighs every proposer against a plain target step."""
-        return AdaptiveDraftLength(cost, max_k=self.max_draft_tokens, ngram=self.ngram_proposer)
-
-    def _recorder(self, temperature: float) -> DisagreementRecorder | None:
-        """What watches every round; fast mode records nothing."""
-        return None
+                self._policies[key] = FixedDraftLength(self.num_draft_tokens)
+        return self._policies[key]
 
     def generate(
         self,
@@ -188,6 +191,7 @@ class SpeculativeDecoder:
         temperature: float | None = None,
         seed: int | None = None,
         top_p: float | None = None,
+        record: bool | None = None,
     ) -> GenerationResult:
         """Generate a continuation of ``prompt``.
 
@@ -200,11 +204,19 @@ class SpeculativeDecoder:
             seed (int, optional): Seeds ``mx.random`` first, for reproducible sampling.
             top_p (float, optional): Overrides the decoder's nucleus filter for
               this call.
+            record (bool, optional): Overrides ``record_disagreements`` for this call.
 
         Returns:
             GenerationResult: text, tokens and acceptance statistics.
         """
-        rounds = self.stream(prompt, max_tokens, temperature=temperature, seed=seed, top_p=top_p)
+        rounds = self.stream(
+            prompt,
+            max_tokens,
+            temperature=temperature,
+            seed=seed,
+            top_p=top_p,
+            record=record,
+        )
         while True:
             try:
                 next(rounds)
@@ -219,6 +231,7 @@ class SpeculativeDecoder:
         temperature: float | None = None,
         seed: int | None = None,
         top_p: float | None = None,
+        record: bool | None = None,
     ) -> Generator[Round, None, GenerationResult]:
         """:meth:`generate`, one round at a time.
 
@@ -236,6 +249,7 @@ class SpeculativeDecoder:
                 sampling.top_k,
                 sampling.min_p,
             )
+        record = self.record_disagreements if record is None else record
         prompt_tokens = self.encode_prompt(prompt)
         check_context(context_window(self.target_model), len(prompt_tokens), max_tokens)
         if seed is not None:
@@ -247,11 +261,15 @@ class SpeculativeDecoder:
             max_kv_size=self.max_kv_size,
             kv_quantization=self.kv_quantization,
             profile=self.profile,
-            keep_draft_logits=self._recorder(sampling.temperature) is not None,
+            keep_draft_logits=record,
         )
-        recorder = self._recorder(sampling.temperature)
+        recorder = (
+            DisagreementRecorder(self.top_k_logprobs, sampling.temperature)
+            if record
+            else None
+        )
         # May time the models once; not part of this generation.
-        policy = self.draft_policy(sampling.temperature)
+        policy = self.draft_policy(sampling.temperature, record)
         stats = RoundStats()
         tokens: list[int] = []
         finish_reason = "length"

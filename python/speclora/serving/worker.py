@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from speclora.results import GenerationResult
+from speclora.tokenizing import encode_text
 from speclora.serving.protocol import APIError, ChatMessage, Outcome
 
 logger = logging.getLogger("speclora.server")
@@ -328,15 +329,7 @@ class GenerationWorker:
                 return list(spec.prompt)
             manager.check_prompt_length(spec.prompt)
             text = spec.prompt
-        bos = getattr(tokenizer, "bos_token", None)
-        # mlx-lm's rule: add special tokens unless the text already starts with BOS.
-        add_special = bos is None or not text.startswith(bos)
-        try:
-            return list(tokenizer.encode(text, add_special_tokens=add_special))
-        except (TypeError, ValueError, UnicodeError) as e:
-            raise ValueError(
-                f"the prompt cannot be tokenized ({type(e).__name__}: {e})"
-            ) from e
+        return encode_text(tokenizer, text)
 
     def _max_tokens(self, spec: GenerationSpec, prompt_len: int) -> int:
         if spec.max_tokens is not None:
