@@ -5,6 +5,7 @@ by the decode loop on the policy's forecast."""
 from __future__ import annotations
 
 import random
+import time
 
 import speclora  # noqa: F401  (must precede mlx.core: it preloads OpenBLAS)
 
@@ -259,7 +260,7 @@ def test_the_forecast_of_a_plain_step_is_never_wrong_about_the_next_plan():
             else NO_PROPOSAL
         )
         forecast = policy.expects_plain_step(range(1, 5))
-        plan = policy.plan(proposal)
+        plan = policy.plan(proposal, started=forecast)
         assert not forecast or plan == Plan(NONE, 0)
         forecast_plain += forecast
         actual_plain += plan.proposer == NONE
@@ -311,7 +312,7 @@ class Scripted:
         self.script = list(script)
         self.forecasts = 0
 
-    def plan(self, ngram: NgramProposal) -> Plan:
+    def plan(self, ngram: NgramProposal, *, started: bool = False) -> Plan:
         return self.script.pop(0) if self.script else Plan(NONE, 0)
 
     def expects_plain_step(self, matches) -> bool:
@@ -513,3 +514,51 @@ def test_plain_steps_started_ahead_with_recurrent_layers(name):
     script = ([Plan(NONE, 0)] * 3 + [Plan(DRAFT, 2)]) * MAX_TOKENS
     tokens, _, _ = decode(target, draft, prompt_tokens(), MAX_TOKENS, Scripted(script))
     assert tokens == reference(name, None)
+
+
+def test_the_policy_is_told_the_whole_cycle_of_each_round(target, draft):
+    """Round times given to the policy run from one round's outcome to the next, so
+    they include what the host does in between (here a slow consumer), which a plain
+    step started ahead hides and a proposing round does not."""
+    told: list[float | None] = []
+
+    class Timed(Scripted):
+        def update(
+            self, plan: Plan, accepted: int, seconds: float | None = None
+        ) -> None:
+            told.append(seconds)
+
+    pause = 0.02
+    policy = Timed([Plan(NONE, 0), Plan(DRAFT, 2), Plan(NONE, 0)])
+    for _ in speculative_rounds(
+        target, draft, PROMPTS[1], max_tokens=8, policy=policy, options=LoopOptions()
+    ):
+        time.sleep(pause)
+    assert len(told) >= 5 and all(s is not None and s >= pause for s in told[1:])
+
+
+def test_proposing_rounds_say_nothing_about_a_plain_step():
+    """Runs of plain steps overlap and proposing rounds do not: dear proposing rounds
+    leave the plain step at what runs of plain steps showed (here, the measurement)."""
+    model = RoundTimeModel(
+        RoundCost(draft_step=0.2, target_step_s=1.0, plain_step=0.8), max_k=8
+    )
+    assert model.seconds(0, NONE) == pytest.approx(0.8)
+    for i in range(200):
+        k = 1 + i % 4
+        model.observe(k, (DRAFT, NGRAM)[i % 2], 2.0 + 0.1 * k)
+    assert model.seconds(0, NONE) == pytest.approx(0.8)
+    assert model.seconds(2, NGRAM) == pytest.approx(2.2, rel=0.05)
+    for _ in range(200):
+        model.observe(0, NONE, 0.6)
+    assert model.seconds(0, NONE) == pytest.approx(0.6, rel=0.05)
+
+
+def test_measured_cost_includes_overlapped_plain_steps():
+    cost = measure_round_cost(
+        make_tiny_llama(64, 2, seed=1),
+        make_tiny_llama(16, 1, seed=2),
+        max_k=2,
+        repeats=2,
+    )
+    assert cost.plain_step > 0.0

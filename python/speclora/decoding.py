@@ -422,6 +422,7 @@ def speculative_rounds(
     # A plain step started on the last emitted token before it was read, unread
     # itself: the target's cache holds that token already.
     ahead: _TargetPass | None = None
+    decided: float | None = None  # when the last round's outcome was known
 
     try:
         while produced < max_tokens:
@@ -439,7 +440,11 @@ def speculative_rounds(
                 if lookup is not None
                 else NO_PROPOSAL
             )
-            plan = policy.plan(proposal)
+            # A plain step already started makes every other plan throw it away.
+            if ahead is not None:
+                plan = policy.plan(proposal, started=True)
+            else:
+                plan = policy.plan(proposal)
             k = min(plan.k, cap)
             if plan.proposer == NGRAM:
                 k = min(k, len(proposal.tokens))
@@ -527,7 +532,15 @@ def speculative_rounds(
                 "rollback",
                 *([c.state for c in target_cache] if target_rewind.recurrent else []),
             )
-            seconds = time.perf_counter() - clock.start if typical else None
+            # The policy is told the whole cycle since the last round was decided,
+            # the consumer's share included: what the host does between rounds
+            # idles the models after a proposing round and hides behind a plain
+            # step started ahead.
+            now = time.perf_counter()
+            seconds = (
+                now - (clock.start if decided is None else decided) if typical else None
+            )
+            decided = now
             policy.update(Plan(proposer, k), n, seconds=seconds)
 
             next_token = emitted[-1]

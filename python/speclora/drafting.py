@@ -67,12 +67,17 @@ class RoundCost:
         target_step_s (float): Seconds of one target decode step, when measured.
         verify (tuple[float, ...]): ``verify[k]``: the target pass over ``k + 1``
           tokens (``verify[0] == 1``), when measured. Default: ``()``.
+        plain_step (float): A plain target step in a run of them, each started
+          before the one before it is read (as mlx-lm's ``generate_step`` and the
+          decode loop run them), which hides the host's work between steps.
+          Default: ``1.0``.
     """
 
     draft_step: float
     verify_extra: float = 0.0
     target_step_s: float = 0.0
     verify: tuple[float, ...] = ()
+    plain_step: float = 1.0
 
     def verify_cost(self, k: int) -> float:
         """The target pass over ``k + 1`` tokens."""
@@ -108,16 +113,17 @@ class DraftLengthPolicy(Protocol):
     pass its proposal to :meth:`plan`.
 
     A policy may also have ``expects_plain_step(matches) -> bool``: whether the next
-    :meth:`plan` will be a plain target step whatever prompt lookup proposes then,
-    its matched suffix being one of the lengths ``matches`` (asked before
-    :meth:`update` of the current round). The decode loop then starts
-    that step before it reads the token the step follows; a wrong forecast costs the
+    :meth:`plan`, told ``started=True``, will be a plain target step whatever prompt
+    lookup proposes then, its matched suffix being one of the lengths ``matches``
+    (asked before :meth:`update` of the current round). The decode loop then starts
+    that step before it reads the token the step follows, and tells :meth:`plan`
+    so (any other plan throws the running step away); a wrong forecast costs the
     step, never the output.
     """
 
     uses_ngram: bool
 
-    def plan(self, ngram: NgramProposal) -> Plan: ...
+    def plan(self, ngram: NgramProposal, *, started: bool = False) -> Plan: ...
 
     def update(
         self, plan: Plan, accepted: int, seconds: float | None = None
@@ -131,7 +137,9 @@ class FixedDraftLength:
     k: int
     uses_ngram: bool = field(default=False, init=False)
 
-    def plan(self, ngram: NgramProposal = NO_PROPOSAL) -> Plan:
+    def plan(
+        self, ngram: NgramProposal = NO_PROPOSAL, *, started: bool = False
+    ) -> Plan:
         return Plan(DRAFT, self.k) if self.k else Plan(NONE, 0)
 
     def expects_plain_step(self, matches: Sequence[int] = ()) -> bool:
@@ -198,10 +206,12 @@ class PositionAcceptance:
 class RoundTimeModel:
     """Seconds a round takes, as a function of what it proposes, learnt from rounds.
 
-    ``t(k, proposer) = a + b [k >= 1] + v k + d k [proposer is the draft model]``: a
-    plain target step, the jump from a one-token pass to a multi-token one (on CPUs,
-    matrix-vector to matrix-matrix products), each further verified token, each
-    draft step. The parameters are a weighted least-squares fit with forgetting,
+    ``t(k, proposer) = a [k = 0] + b [k >= 1] + v k + d k [proposer is the draft
+    model]``: a plain target step, a round that proposes (its target pass, the
+    acceptance op, the host's work between rounds, which a proposing round cannot
+    hide), each further verified token, each draft step. A plain step has its own
+    term because runs of them overlap (see ``RoundCost.plain_step``): rounds that
+    propose say nothing about it. The parameters are a weighted least-squares fit with forgetting,
     pulled toward the isolated measurement (``RoundCost``) with the weight of
     ``prior_rounds`` rounds, so that terms the rounds seen so far cannot tell apart
     stay at their measured values. Measured in the loop, costs include what the
@@ -239,8 +249,8 @@ class RoundTimeModel:
             else cost.verify_extra
         )
         self.prior = [
-            unit,
-            (v1 - 1.0 - slope) * unit,
+            cost.plain_step * unit,
+            (v1 - slope) * unit,
             slope * unit,
             cost.draft_step * unit,
         ]
@@ -256,12 +266,17 @@ class RoundTimeModel:
 
     @staticmethod
     def features(k: int, proposer: str) -> list[float]:
-        return [1.0, float(k >= 1), float(k), float(k) if proposer == DRAFT else 0.0]
+        return [
+            float(k == 0),
+            float(k >= 1),
+            float(k),
+            float(k) if proposer == DRAFT else 0.0,
+        ]
 
     def seconds(self, k: int, proposer: str) -> float:
         """Expected seconds of a round proposing ``k`` tokens with ``proposer``."""
         a, b, v, d = self.theta
-        t = a + (b if k >= 1 else 0.0) + k * (v + (d if proposer == DRAFT else 0.0))
+        t = (b if k >= 1 else a) + k * (v + (d if proposer == DRAFT else 0.0))
         # A fit cannot make rounds free.
         return max(t, self._floor)
 
@@ -381,22 +396,29 @@ class AdaptiveDraftLength:
         """The draft model's current estimate for its first position."""
         return self._rates(DRAFT).rates(1)[0]
 
-    def _best(self, proposer: str, rates: list[float], low: int) -> tuple[float, int]:
-        """Best (tokens per cost, K) for ``proposer`` among ``K`` in ``[low, len(rates)]``."""
+    def _best(
+        self, proposer: str, rates: list[float], low: int, waste: float = 0.0
+    ) -> tuple[float, int]:
+        """Best (tokens per cost, K) for ``proposer`` among ``K`` in ``[low, len(rates)]``,
+        each round costing ``waste`` seconds more."""
         best = (-1.0, low)
         tokens = reach = 1.0
         for k in range(1, len(rates) + 1):
             reach *= rates[k - 1]
             tokens += reach  # expected_tokens(rates, k)
             if k >= low:
-                value = tokens / self.time.seconds(k, proposer)
+                value = tokens / (self.time.seconds(k, proposer) + waste)
                 if value > best[0]:
                     best = (value, k)
         return best
 
-    def plan(self, ngram: NgramProposal = NO_PROPOSAL) -> Plan:
+    def plan(
+        self, ngram: NgramProposal = NO_PROPOSAL, *, started: bool = False
+    ) -> Plan:
+        # A plain step already running is thrown away by any other choice.
+        waste = self.time.seconds(0, NONE) if started else 0.0
         draft_value, draft_k = self._best(
-            DRAFT, self._rates(DRAFT).rates(self.max_k), max(1, self.min_k)
+            DRAFT, self._rates(DRAFT).rates(self.max_k), max(1, self.min_k), waste
         )
         choices = [(draft_value, Plan(DRAFT, draft_k))]
         if self.min_k == 0:
@@ -408,7 +430,7 @@ class AdaptiveDraftLength:
             rates = self._rates(NGRAM, ngram.match).rates(
                 min(len(ngram.tokens), self.max_k), overall
             )
-            value, k = self._best(NGRAM, rates, 1)
+            value, k = self._best(NGRAM, rates, 1, waste)
             choices.append((value, Plan(NGRAM, k)))
         chosen = max(choices, key=lambda c: c[0])[1]
         for proposer in PROPOSERS:
@@ -431,9 +453,10 @@ class AdaptiveDraftLength:
         return chosen
 
     def expects_plain_step(self, matches: Sequence[int] = ()) -> bool:
-        """Whether the next :meth:`plan` is a plain target step whatever prompt lookup
-        proposes: no probe is due, and neither the draft model nor prompt lookup,
-        with the rates of any matched length in ``matches``, beats a plain step.
+        """Whether the next :meth:`plan`, with a plain step ``started``, is a plain
+        step whatever prompt lookup proposes: no probe is due, and neither the draft
+        model nor prompt lookup, with the rates of any matched length in
+        ``matches``, beats a plain step once the started one it throws away counts.
 
         Args:
             matches (Sequence[int]): The suffix lengths prompt lookup may match.
@@ -447,8 +470,12 @@ class AdaptiveDraftLength:
                 proposer == DRAFT or lookup
             ):
                 return False
-        plain = 1.0 / self.time.seconds(0, NONE)
-        if self._best(DRAFT, self._rates(DRAFT).rates(self.max_k), 1)[0] >= plain:
+        waste = self.time.seconds(0, NONE)
+        plain = 1.0 / waste
+        if (
+            self._best(DRAFT, self._rates(DRAFT).rates(self.max_k), 1, waste)[0]
+            >= plain
+        ):
             return False
         if not lookup:
             return True
@@ -461,7 +488,7 @@ class AdaptiveDraftLength:
                 if seen is not None
                 else [overall] * self.max_k
             )
-            if self._best(NGRAM, rates, 1)[0] >= plain:
+            if self._best(NGRAM, rates, 1, waste)[0] >= plain:
                 return False
         return True
 
@@ -480,11 +507,11 @@ def measure_round_cost(
 ) -> RoundCost:
     """Time the two models on this machine to fill in a :class:`RoundCost`.
 
-    Times decode steps of each model and the target's pass over ``k + 1`` tokens
-    for every ``k`` up to ``max_k``, on a short random context, taking the fastest
-    of ``repeats`` runs of each (interleaved, so a slow spell of a shared machine
-    lands on all of them), about ``(max_k + 2) * repeats`` forward passes after
-    warm-up.
+    Times decode steps of each model, the target's pass over ``k + 1`` tokens
+    for every ``k`` up to ``max_k`` and a run of ``PLAIN_RUN`` overlapped target
+    steps, on a short random context, taking the fastest of ``repeats`` runs of
+    each (interleaved, so a slow spell of a shared machine lands on all of them),
+    about ``(max_k + 2 + PLAIN_RUN) * repeats`` forward passes after warm-up.
 
     Args:
         target (nn.Module): The target model.
@@ -509,6 +536,7 @@ def measure_round_cost(
     for m in (target, draft):
         mx.eval(m(prompt, cache=caches[id(m)]))
     best = [float("inf")] * len(runs)
+    plain = float("inf")
     for r in range(repeats + 2):  # the first two warm up
         for i, (model, n) in enumerate(runs):
             cache = caches[id(model)]
@@ -519,6 +547,11 @@ def measure_round_cost(
             trim_prompt_cache(cache, n)
             if r >= 2:
                 best[i] = min(best[i], elapsed)
+        cache = caches[id(target)]
+        elapsed = _overlapped_steps(target, cache, prompt[:, -1:], PLAIN_RUN)
+        trim_prompt_cache(cache, PLAIN_RUN)
+        if r >= 2:
+            plain = min(plain, elapsed / PLAIN_RUN)
     step = best[1]
     verify = [1.0]
     for s in best[2:]:
@@ -529,4 +562,24 @@ def measure_round_cost(
         verify_extra=(verify[-1] - 1.0) / max_k,
         target_step_s=step,
         verify=tuple(verify),
+        plain_step=plain / step,
     )
+
+
+PLAIN_RUN = 8
+"""Overlapped target steps timed together by :func:`measure_round_cost`."""
+
+
+def _overlapped_steps(model: Any, cache: list[Any], first: mx.array, n: int) -> float:
+    """Seconds of ``n`` greedy decode steps from ``first [1, 1]``, each built and
+    started before the one before it is read, as mlx-lm's ``generate_step`` runs."""
+    start = time.perf_counter()
+    y = mx.argmax(model(first, cache=cache)[:, -1], axis=-1)
+    mx.async_eval(y)
+    for _ in range(n - 1):
+        following = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+        mx.async_eval(following)
+        y.item()
+        y = following
+    y.item()
+    return time.perf_counter() - start
