@@ -421,3 +421,15 @@ def test_resume_with_wrong_shape_raises(tmp_path):
         trainer.train(make_examples(8), [], resume_from=tmp_path / "missing")
     after = lora_params(model)
     assert all(np.array_equal(after[k], before[k]) for k in before)
+
+
+def test_held_out_replay_with_the_widest_top_k(tmp_path):
+    """Only one replay example stores top-k log-probabilities (width 3; the rest
+    width 1); whichever it is, held out or replayed, training runs on batches as
+    wide as the widest example of every set."""
+    failures = make_examples(9)
+    plain, wide = make_examples(30)[20:], make_examples(30, with_disagreements=True)[20:]
+    for i in range(len(plain)):
+        trainer = LoRATrainer(make_model(), CharTokenizer(), train_config(tmp_path / str(i), num_epochs=1))
+        result = trainer.train(failures, plain[:i] + [wide[i]] + plain[i + 1 :])
+        assert np.isfinite(result["final_loss"])
