@@ -69,12 +69,10 @@ class Round:
     accepted: int  # n, 0 <= n <= K
     draft_tokens: list[int]  # [K]
     tokens: list[int]  # emitted: accepted drafts + the target's token, cut at a stop
-    next_token: (
-        int  # the target's token after the accepted drafts (correction or bonus)
-    )
-    draft_logits: (
-        mx.array
-    )  # [K, V]; zeros unless kept (see LoopOptions.keep_draft_logits)
+    # The target's token after the accepted drafts (correction or bonus).
+    next_token: int
+    # [K, V]; zeros unless kept (see LoopOptions.keep_draft_logits).
+    draft_logits: mx.array
     target_logits: mx.array  # [K + 1, V]
     raw_target_logits: mx.array  # [K + 1, V]
     stopped: bool  # a stop token ended the generation in this round
@@ -254,9 +252,8 @@ def _room_for_one_more(quantization: KVQuantization | None, cache: list[Any]) ->
 class _TargetPass:
     """The target's part of a round, built lazily: its pass and the acceptance op."""
 
-    fed: (
-        mx.array
-    )  # [P + K] uint32: tokens the target had yet to see, then the proposals
+    # [P + K] uint32: tokens the target had yet to see, then the proposals.
+    fed: mx.array
     raw: mx.array  # [K + 1, V] the target's logits at the proposals and one past them
     logits: mx.array  # [K + 1, V] the same, processed
     num_accepted: mx.array  # [1] int32
